@@ -1,0 +1,197 @@
+"""The `fastrefine` command line (typer).
+
+Exit codes: 0 ok; 2 bad usage or a bad recipe; 1 a failure at run time. Errors print one line;
+`fastrefine --debug ...` prints the traceback too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import FastRefineError, UsageError
+
+app = typer.Typer(
+    name="fastrefine",
+    help="Label Refinery at fast-ImageNet speed: convert datasets, run refinement chains, benchmark.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+convert_app = typer.Typer(help="Convert an image dataset into FFCV .beton files and DALI webdataset shards.",
+                          no_args_is_help=True)
+bench_app = typer.Typer(help="Throughput on this node: decode ceiling, loaders, train step, end to end.",
+                        no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+app.add_typer(bench_app, name="bench")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _debug(ctx: typer.Context | None) -> bool:
+    while ctx is not None:
+        if ctx.obj and "debug" in ctx.obj:
+            return bool(ctx.obj["debug"])
+        ctx = ctx.parent
+    return False
+
+
+def handle_errors(fn):
+    """Turn FastRefineError (and anything else) into one line on stderr and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click_ctx()
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except FastRefineError as e:
+            if _debug(ctx):
+                err.print_exception()
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except Exception as e:  # a run-time failure we did not foresee: still one line, exit 1
+            if _debug(ctx):
+                err.print_exception()
+            err.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                      markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def click_ctx():
+    try:  # typer < 0.20 depends on click; newer typer vendors it
+        from click import get_current_context
+    except ImportError:
+        from typer._click.globals import get_current_context
+    return get_current_context(silent=True)
+
+
+@app.callback()
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Print full tracebacks on errors."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log.")):
+    ctx.obj = {"debug": debug}
+    from rich.logging import RichHandler
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False, markup=False)], force=True)
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+def _convert(layout: str, src: Path, dst: Path, fmt: str, max_side: int, quality: int, workers: Optional[int],
+             splits: str, limit_per_class: Optional[int], force: bool, ffcv_mode: str, shard_size: int,
+             progress: bool) -> None:
+    from .convert import convert_dataset
+    formats = ("ffcv", "dali") if fmt == "both" else (fmt,)
+    if fmt not in ("ffcv", "dali", "both"):
+        raise UsageError(f"--format: expected ffcv, dali or both, got {fmt!r}")
+    split_list = tuple(s.strip() for s in splits.split(",") if s.strip())
+    bad = [s for s in split_list if s not in ("train", "val")]
+    if bad or not split_list:
+        raise UsageError(f"--splits: expected a comma list of train,val, got {splits!r}")
+    convert_dataset(src=src, out=dst, layout=layout, formats=formats, max_side=max_side, quality=quality,
+                    workers=workers, splits=split_list, limit_per_class=limit_per_class, force=force,
+                    ffcv_mode=ffcv_mode, shard_size=shard_size, progress=progress)
+
+
+_FMT = typer.Option("both", "--format", help="ffcv, dali or both.")
+_MAXSIDE = typer.Option(256, "--max-side", min=16, help="Longer side of the re-encoded JPEGs (never upscaled).")
+_QUALITY = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality of the re-encoded images.")
+_WORKERS = typer.Option(None, "--workers", min=1, help="Processes (default: all cores).")
+_SPLITS = typer.Option("train,val", "--splits", help="Which splits to convert.")
+_LIMIT = typer.Option(None, "--limit-per-class", min=1, help="At most K images per class (quick subsets).")
+_FORCE = typer.Option(False, "--force", help="Redo everything, overwriting OUT.")
+_MODE = typer.Option("proportion", "--ffcv-mode", help="FFCV RGBImageField write_mode: jpg, proportion, smart or raw.")
+_SHARD = typer.Option(1000, "--shard-size", min=1, help="Images per DALI webdataset shard.")
+_PROGRESS = typer.Option(True, "--progress/--no-progress", help="Progress bars.")
+
+
+@convert_app.command("imagenet")
+@handle_errors
+def convert_imagenet(src: Path = typer.Argument(..., help="ImageNet root: train/<wnid>/*.JPEG and val/ (class folders, or flat with LOC_val_solution.csv)."),
+                     out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder (manifest.json, .beton files, dali/ shards)."),
+                     fmt: str = _FMT, max_side: int = _MAXSIDE, quality: int = _QUALITY,
+                     workers: Optional[int] = _WORKERS, splits: str = _SPLITS,
+                     limit_per_class: Optional[int] = _LIMIT, force: bool = _FORCE, ffcv_mode: str = _MODE,
+                     shard_size: int = _SHARD, progress: bool = _PROGRESS):
+    """Convert an ImageNet folder (class folders or the Kaggle layout); bad files are skipped and listed."""
+    _convert("imagenet", src, out_dir, fmt, max_side, quality, workers, splits, limit_per_class, force,
+             ffcv_mode, shard_size, progress)
+
+
+@convert_app.command("folder")
+@handle_errors
+def convert_folder(src: Path = typer.Argument(..., help="ImageFolder root with train/<class>/ and val/<class>/."),
+                   out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder."),
+                   fmt: str = _FMT, max_side: int = _MAXSIDE, quality: int = _QUALITY,
+                   workers: Optional[int] = _WORKERS, splits: str = _SPLITS,
+                   limit_per_class: Optional[int] = _LIMIT, force: bool = _FORCE, ffcv_mode: str = _MODE,
+                   shard_size: int = _SHARD, progress: bool = _PROGRESS):
+    """Convert any ImageFolder-style dataset (class subfolders under train/ and val/)."""
+    _convert("folder", src, out_dir, fmt, max_side, quality, workers, splits, limit_per_class, force,
+             ffcv_mode, shard_size, progress)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+@app.command("run")
+@handle_errors
+def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes/)."),
+        overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                            help="Override a recipe key, e.g. --set optim.lr=0.4 --set rounds[1].epochs=3."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit."),
+        restart: bool = typer.Option(False, "--restart", help="Ignore checkpoints in the run folder and start over."),
+        only: Optional[str] = typer.Option(None, "--round", help="Run only this round (its refinery must exist)."),
+        ):
+    """Run a recipe's chain of rounds: train, refine, evaluate; resumes automatically after a stop."""
+    from .recipe import load_recipe
+    from .rounds import describe_plan, run_recipe
+
+    r = load_recipe(recipe, overrides)
+    if dry_run:
+        from .recipe import recipe_to_dict, to_toml
+        out.print(f"# resolved recipe ({recipe})", highlight=False)
+        out.print(to_toml(recipe_to_dict(r)), highlight=False, markup=False)
+        out.print(describe_plan(r, restart=restart, only=only))
+        return
+    run_recipe(r, restart=restart, only=only, console=out)
+
+
+# ---------------------------------------------------------------------------------------------- doctor
+
+@app.command("doctor")
+@handle_errors
+def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON.")):
+    """Versions, GPUs, CPUs, and which loader backends work here (and why one does not)."""
+    from .doctor import collect, render
+    report = collect()
+    render(report, out)
+    if json_out:
+        import json
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- bench
+# Commands are registered by fastrefine.bench (kept there so the CLI module stays small).
+
+def _register_bench() -> None:
+    from . import bench
+    bench.register(bench_app, handle_errors=handle_errors, console=out)
+
+
+_register_bench()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

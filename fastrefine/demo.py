@@ -1,0 +1,123 @@
+"""Export Debian's Fashion-MNIST (real 28x28 product photos) as an ImageNet-style JPEG folder.
+
+    OUT/train/<wnid>/<idx>.JPEG   60,000 (or --limit-per-class per class)
+    OUT/val/<wnid>/<idx>.JPEG     10,000
+    OUT/LOC_synset_mapping.txt    "wnid name" per line, as ImageNet ships it
+    OUT/classes.txt               class names, one per line, in index order
+
+Images are upscaled to `size` px RGB JPEGs so the JPEG decode path is exercised for real.
+Idempotent: a split whose marker file matches the settings is left alone.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import UsageError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASS_NAMES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
+               "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+# wnid-like folder names (n + 8 digits), so the tree looks like ImageNet's
+WNIDS = [f"n9{i:07d}" for i in range(len(CLASS_NAMES))]
+_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+          "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST container format), gzip or plain."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UsageError(f"{path}: not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str, source: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,28,28], labels uint8 [N]) of 'train' or 'val' (the t10k set)."""
+    img_name, lbl_name = _FILES[split]
+    img_path, lbl_path = source / img_name, source / lbl_name
+    for p in (img_path, lbl_path):
+        if not p.is_file():
+            raise UsageError(f"{p} not found: install Debian's dataset-fashion-mnist "
+                             f"(apt-get install dataset-fashion-mnist)")
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if len(images) != len(labels):
+        raise UsageError(f"{img_path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def select(labels: np.ndarray, limit_per_class: int | None) -> np.ndarray:
+    """Indices to export: all, or the first `limit_per_class` of each class (source order)."""
+    if not limit_per_class:
+        return np.arange(len(labels))
+    keep = [np.flatnonzero(labels == c)[:limit_per_class] for c in range(len(CLASS_NAMES))]
+    return np.sort(np.concatenate(keep))
+
+
+def _write_chunk(args) -> int:
+    out_dir, size, quality, items = args
+    for index, label, pixels in items:
+        path = Path(out_dir) / WNIDS[label] / f"{index:05d}.JPEG"
+        img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+        tmp = path.with_name(path.name + ".tmp")
+        img.save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, path)
+    return len(items)
+
+
+def export_fashion_mnist(out: str | Path, *, size: int = 64, quality: int = 90,
+                         limit_per_class: int | None = None, workers: int | None = None,
+                         source: Path = FASHION_MNIST_DIR, progress: bool = True) -> dict:
+    """Write the ImageNet-style tree; returns {split: images}. Re-running with the same settings is a no-op."""
+    if size < 8:
+        raise UsageError(f"--size: expected >= 8, got {size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(WNIDS, CLASS_NAMES)))
+    (out / "classes.txt").write_text("".join(n + "\n" for n in CLASS_NAMES))
+    settings = {"size": size, "quality": quality, "limit_per_class": limit_per_class or 0}
+    counts = {}
+    for split in ("train", "val"):
+        images, labels = load_fashion_mnist(split, source)
+        idx = select(labels, limit_per_class)
+        marker = out / split / ".fastrefine-demo.json"
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        if done == {**settings, "count": len(idx)}:
+            counts[split] = len(idx)
+            continue
+        for w in WNIDS:
+            (out / split / w).mkdir(parents=True, exist_ok=True)
+        items = [(int(i), int(labels[i]), images[i]) for i in idx]
+        chunks = [items[k:k + 500] for k in range(0, len(items), 500)]
+        jobs = [(str(out / split), size, quality, c) for c in chunks]
+        _run_jobs(jobs, total=len(items), label=f"demo {split}", workers=workers, progress=progress)
+        marker.write_text(json.dumps({**settings, "count": len(idx)}))
+        counts[split] = len(idx)
+    return counts
+
+
+def _run_jobs(jobs, *, total: int, label: str, workers: int | None, progress: bool) -> None:
+    from .progress import progress_bar
+
+    workers = workers or os.cpu_count() or 1
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task(label, total=total, info="")
+        if workers == 1:
+            for j in jobs:
+                bar.advance(task, _write_chunk(j))
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for n in pool.map(_write_chunk, jobs):
+                bar.advance(task, n)

@@ -1,0 +1,453 @@
+"""Recipes: a TOML file -> frozen dataclasses, one per section, loaded strictly.
+
+An unknown or misspelt key, a wrong type or a value out of range is a RecipeError (exit 2) naming the
+file and the dotted key. `--set a.b=value` overrides use the same dotted keys and the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import UsageError
+
+
+class RecipeError(UsageError):
+    """A recipe that does not load: the message names the file and the dotted key."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None, doc: str = "",
+       lo_open: bool = False) -> Any:
+    meta = {"lo": lo, "hi": hi, "doc": doc, "lo_open": lo_open}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+REQUIRED = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("run", doc="run folder name under `out`")
+    out: str = _f("runs", doc="where run folders go")
+    seed: int = _f(0, lo=0)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", doc="auto: bf16 on CPU and on GPUs that support it, else fp16")
+    compile: bool = _f(False, doc="torch.compile the student and, on its own, the refinery")
+    channels_last: bool = _f(True)
+    log_every: int = _f(50, lo=1, doc="steps between reads of the on-device metrics")
+    eval_every: int = _f(1, lo=1, doc="epochs between evaluations (the last epoch is always evaluated)")
+    max_steps_per_epoch: int = _f(0, lo=0, doc="0: the whole epoch; >0 cuts epochs short (smoke tests)")
+    max_val_batches: int = _f(0, lo=0, doc="0: the whole val split")
+    progress: bool = _f(True, doc="progress bars")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _f("", doc="converted dataset folder (manifest.json), or an ImageFolder root with train/ and val/")
+    num_classes: int = _f(0, lo=0, doc="0: from the manifest or the class folders")
+
+
+@dataclass(frozen=True)
+class ProgressiveConfig:
+    start: int = _f(160, lo=8, doc="train resolution at and before from_epoch")
+    end: int = _f(192, lo=8, doc="train resolution at and after to_epoch")
+    from_epoch: int = _f(0, lo=0)
+    to_epoch: int = _f(0, lo=0)
+    multiple: int = _f(32, lo=1, doc="resolutions are rounded to a multiple of this")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    backend: Literal["auto", "torch", "dali", "ffcv"] = _f("auto")
+    batch_size: int = _f(256, lo=1, doc="per process")
+    val_batch_size: int = _f(0, lo=0, doc="0: same as batch_size")
+    workers: int = _f(-1, lo=-1, doc="-1: one per CPU core")
+    resolution: int = _f(224, lo=8, doc="train crop size (when progressive is not set)")
+    val_resolution: int = _f(0, lo=0, doc="0: same as the final train resolution")
+    val_crop_ratio: float = _f(0.875, lo=0.0, hi=1.0, lo_open=True)
+    scale: tuple[float, float] = _f((0.08, 1.0), lo=0.0, hi=1.0, doc="RandomResizedCrop area range")
+    ratio: tuple[float, float] = _f((0.75, 4 / 3), lo=0.0, lo_open=True, doc="RandomResizedCrop aspect range")
+    progressive: ProgressiveConfig | None = _f(None, doc="progressive resizing; off when absent")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("", doc="a name from `fastrefine.models.list_models()`")
+    options: dict = _f({}, doc="keyword options for the model builder, e.g. {width = 0.25}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _f(0.1, lo=0.0, lo_open=True, doc="peak learning rate")
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    nesterov: bool = _f(True)
+    weight_decay: float = _f(5e-5, lo=0.0)
+    decay_norm_and_bias: bool = _f(False, doc="false: norm layers and biases get no weight decay")
+    label_smoothing: float = _f(0.0, lo=0.0, hi=0.99, doc="round 0 (labels) only")
+    grad_clip: float = _f(0.0, lo=0.0, doc="0: off")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: Literal["step", "cosine", "triangular", "constant"] = _f("cosine")
+    steps: list = _f([], doc="kind=step: [[start_epoch, end_epoch, lr], ...] (the paper's regime)")
+    warmup_epochs: float = _f(0.0, lo=0.0, doc="linear warm-up from 0 (per iteration)")
+    peak_epoch: float = _f(2.0, lo=0.0, doc="kind=triangular: epoch of the peak")
+    final_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0, doc="cosine/triangular: final lr as a fraction of lr")
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    fraction: float = _f(0.0, lo=0.0, hi=1.0, doc="share of each batch replaced by jittered images; 0: off")
+    epsilon: float = _f(1.0, lo=0.0, doc="signed-gradient step, in 0..255 pixel units")
+
+
+@dataclass(frozen=True)
+class RefineryConfig:
+    loss: Literal["soft_ce", "kl"] = _f("soft_ce", doc="both batchmean; they differ by the refinery's entropy")
+    gt_weight: float = _f(0.0, lo=0.0, hi=1.0, doc="weight of the ground-truth cross-entropy term")
+    temperature: float = _f(1.0, lo=0.0, lo_open=True)
+    bn: Literal["eval", "batch"] = _f("eval", doc="eval: running BN stats; batch: batch stats (the official code)")
+    use: Literal["best", "last"] = _f("last", doc="which checkpoint of a round refines the next")
+    adversarial: AdversarialConfig = _f(AdversarialConfig())
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    name: str = _f(REQUIRED)
+    epochs: int = _f(REQUIRED, lo=1)
+    refinery: str = _f("", doc='"none", "previous", an earlier round\'s name, or a checkpoint path; '
+                              'default "none" for the first round, "previous" after')
+    model: str = _f("", doc="default: [model].name")
+    model_options: dict | None = _f(None, doc="default: [model].options")
+    lr: float = _f(0.0, lo=0.0, doc="0: [optim].lr")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run: RunConfig = _f(RunConfig())
+    data: DataConfig = _f(DataConfig())
+    loader: LoaderConfig = _f(LoaderConfig())
+    model: ModelConfig = _f(ModelConfig())
+    optim: OptimConfig = _f(OptimConfig())
+    schedule: ScheduleConfig = _f(ScheduleConfig())
+    refinery: RefineryConfig = _f(RefineryConfig())
+    rounds: list[RoundConfig] = _f([])
+    source: str = field(default="", metadata={"internal": True})
+
+    def round_model(self, r: RoundConfig) -> tuple[str, dict]:
+        name = r.model or self.model.name
+        opts = self.model.options if r.model_options is None else r.model_options
+        return name, dict(opts)
+
+
+# ---------------------------------------------------------------- strict conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    if origin in (list, tuple) or tp in (list, tuple):
+        return "an array"
+    if origin is dict or tp is dict:
+        return "a table"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _check_range(value: float, meta: dict, where: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{where}: expected a finite number, got {value}")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        raise RecipeError(f"{where}: expected a value {'>' if meta.get('lo_open') else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise RecipeError(f"{where}: expected a value <= {hi}, got {value}")
+
+
+def _convert(tp: Any, value: Any, where: str, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where, meta)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        _check_range(value, meta, where)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        _check_range(float(value), meta, where)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RecipeError(f"{where}: expected an array of {len(args)} numbers, got {value!r}")
+        out = tuple(_convert(a, v, f"{where}[{i}]", meta) for i, (a, v) in enumerate(zip(args, value)))
+        if all(isinstance(v, (int, float)) for v in out) and list(out) != sorted(out):
+            raise RecipeError(f"{where}: expected [low, high], got {list(value)}")
+        return out
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected an array, got {value!r}")
+        return [_convert(item, v, f"{where}[{i}]", {}) for i, v in enumerate(value)]
+    if tp is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected an array, got {value!r}")
+        return list(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported recipe type {tp!r}")  # a bug in this module, not in the recipe
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in known:
+            close = _close_match(key, known)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise RecipeError(f"{prefix}{key}: unknown key{hint}; {cls.__name__} takes "
+                              f"{', '.join(sorted(known))}")
+    kwargs = {}
+    for name, f in known.items():
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], prefix + name, dict(f.metadata))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{prefix}{name}: missing (required)")
+    return cls(**kwargs)
+
+
+def _close_match(key: str, known: dict) -> str | None:
+    import difflib
+    hits = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return hits[0] if hits else None
+
+
+# ---------------------------------------------------------------- overrides
+
+_INDEX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\[(\d+)\]$")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """'optim.lr=0.4' -> (['optim', 'lr'], 0.4). Values are TOML; a bare word is a string."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=0.4")
+    key, raw = text.split("=", 1)
+    path: list[str | int] = []
+    for part in key.strip().split("."):
+        m = _INDEX.match(part)
+        if m:
+            path += [m.group(1), int(m.group(2))]
+        elif part.isdigit():
+            path.append(int(part))
+        elif part:
+            path.append(part)
+        else:
+            raise RecipeError(f"--set {text!r}: empty key part")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_override(raw: dict, path: list[str | int], value: Any, text: str) -> None:
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise RecipeError(f"--set {text}: {_dotted(path[:i + 1])} does not exist")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {text}: {_dotted(path[:i])} is not a table")
+            node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise RecipeError(f"--set {text}: {_dotted(path)} does not exist")
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {text}: {_dotted(path[:-1])} is not a table")
+        node[last] = value
+
+
+def _dotted(path: list[str | int]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def recipe_from_dict(raw: dict, *, source: str = "<dict>") -> Recipe:
+    try:
+        recipe = _build(Recipe, raw, "")
+        _validate(recipe)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    return dataclasses.replace(recipe, source=source)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides:
+        keypath, value = parse_override(text)
+        try:
+            apply_override(raw, keypath, value, text)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from None
+    return recipe_from_dict(raw, source=str(path))
+
+
+def _validate(r: Recipe) -> None:
+    """Checks that span keys: what a single field's type and range cannot say."""
+    if not r.data.path:
+        raise RecipeError("data.path: missing (required): a converted dataset folder or an ImageFolder root")
+    if not r.rounds:
+        raise RecipeError("rounds: expected at least one [[rounds]] table")
+    names: list[str] = []
+    for i, rd in enumerate(r.rounds):
+        where = f"rounds[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", rd.name):
+            raise RecipeError(f"{where}.name: expected letters, digits, '_', '-', '.', got {rd.name!r}")
+        if rd.name in names:
+            raise RecipeError(f"{where}.name: {rd.name!r} is used by an earlier round")
+        if not (rd.model or r.model.name):
+            raise RecipeError(f"{where}.model: no model: set [model].name or this round's model")
+        ref = rd.refinery or ("none" if i == 0 else "previous")
+        if ref == "previous" and i == 0:
+            raise RecipeError(f'{where}.refinery: the first round has no previous round; expected "none", '
+                              f'or a checkpoint path')
+        if ref not in ("none", "previous") and ref not in names and not ref.endswith((".pt", ".pth")):
+            raise RecipeError(f'{where}.refinery: expected one of "none", "previous", an earlier round '
+                              f'({", ".join(repr(n) for n in names) or "none yet"}) or a checkpoint path '
+                              f'(.pt/.pth), got {ref!r}')
+        names.append(rd.name)
+    s = r.schedule
+    if s.kind == "step":
+        if not s.steps:
+            raise RecipeError("schedule.steps: kind = 'step' needs [[start_epoch, end_epoch, lr], ...]")
+        for j, st in enumerate(s.steps):
+            if (not isinstance(st, list) or len(st) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in st)
+                    or st[0] >= st[1] or st[2] < 0):
+                raise RecipeError(f"schedule.steps[{j}]: expected [start_epoch, end_epoch, lr] with "
+                                  f"start < end and lr >= 0, got {st!r}")
+    p = r.loader.progressive
+    if p is not None and p.to_epoch < p.from_epoch:
+        raise RecipeError(f"loader.progressive.to_epoch: expected >= from_epoch ({p.from_epoch}), got {p.to_epoch}")
+
+
+def round_refinery(recipe: Recipe, index: int) -> str:
+    """The resolved refinery spec of round `index`: 'none', a round name, or a checkpoint path."""
+    rd = recipe.rounds[index]
+    ref = rd.refinery or ("none" if index == 0 else "previous")
+    if ref == "previous":
+        return recipe.rounds[index - 1].name
+    return ref
+
+
+# ---------------------------------------------------------------- writing
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    out = dataclasses.asdict(recipe)
+    out.pop("source", None)
+    return _drop_none(out)
+
+
+def _drop_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _drop_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, (list, tuple)):
+        return [_drop_none(v) for v in x]
+    return x
+
+
+def to_toml(data: dict) -> str:
+    """A small TOML writer for resolved recipes (tables, arrays of tables, scalars, arrays)."""
+    lines: list[str] = []
+    _emit_table(lines, data, [])
+    return "\n".join(lines).strip() + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_fmt(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _fmt(k)
+
+
+def _emit_table(lines: list[str], table: dict, path: list[str]) -> None:
+    # model options stay inline tables: their keys are the builder's, not the recipe's
+    subtables = {k: v for k, v in table.items()
+                 if isinstance(v, dict) and k not in ("options", "model_options")}
+    arrays = {k: v for k, v in table.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
+    for k, v in table.items():
+        if k not in subtables and k not in arrays:
+            lines.append(f"{_key(k)} = {_fmt(v)}")
+    for k, v in subtables.items():
+        lines += ["", f"[{'.'.join(path + [k])}]"]
+        _emit_table(lines, v, path + [k])
+    for k, v in arrays.items():
+        for item in v:
+            lines += ["", f"[[{'.'.join(path + [k])}]]"]
+            _emit_table(lines, item, path + [k])

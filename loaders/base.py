@@ -1,0 +1,95 @@
+"""The one interface every loader backend implements.
+
+The training loop iterates `(images, labels)` pairs that are already on the target device,
+normalised, in NCHW memory with channels_last strides, in the dtype the loop asked for; labels are
+int64 on the same device. It never asks which backend produced them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Everything a backend needs, resolved once by `build`.
+
+    Train: RandomResizedCrop(scale, ratio) at `resolution` + horizontal flip; drops the last partial
+    batch. Val: resize the shorter side to round(resolution / val_crop_ratio), center crop
+    `resolution`; keeps every image, and across `world_size` ranks each image is seen exactly once.
+    """
+
+    split: str
+    batch_size: int
+    resolution: int
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    workers: int = 2
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    val_crop_ratio: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channels_last: bool = True
+    shuffle: bool | None = None  # None: shuffle train, not val
+    drop_last: bool | None = None  # None: drop on train, keep on val
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    @property
+    def do_shuffle(self) -> bool:
+        return self.train if self.shuffle is None else self.shuffle
+
+    @property
+    def do_drop_last(self) -> bool:
+        return self.train if self.drop_last is None else self.drop_last
+
+    @property
+    def val_resize(self) -> int:
+        return int(round(self.resolution / self.val_crop_ratio))
+
+
+@runtime_checkable
+class BatchLoader(Protocol):
+    backend: str          # "torch" | "dali" | "ffcv"
+    batch_size: int
+    resolution: int
+    num_samples: int      # images this rank yields per epoch (after drop_last)
+    normalize_on: str     # where normalisation runs, for the record: "device" | "host"
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def set_resolution(self, resolution: int) -> None: ...
+
+
+def shard_indices(n: int, *, rank: int, world_size: int, drop_last: bool, batch_size: int) -> range:
+    """Contiguous-stride shard used for val: rank r gets r, r+W, r+2W, ... so ranks cover [0, n) once."""
+    del drop_last, batch_size
+    return range(rank, n, world_size)
+
+
+def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(uint8 or float in 0..255) NCHW -> normalised float, in place where possible."""
+    return x.sub_(mean).div_(std)
+
+
+def mean_std_tensors(opts: LoaderOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std in 0..255 pixel units, shaped (1, 3, 1, 1), on the device, in the output dtype."""
+    mean = torch.tensor(opts.mean, dtype=torch.float32).mul(255).view(1, 3, 1, 1)
+    std = torch.tensor(opts.std, dtype=torch.float32).mul(255).view(1, 3, 1, 1)
+    return mean.to(opts.device, opts.dtype), std.to(opts.device, opts.dtype)

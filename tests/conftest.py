@@ -1,0 +1,43 @@
+"""Shared fixtures: real Fashion-MNIST images exported as a small ImageNet-style JPEG tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrefine.demo import FASHION_MNIST_DIR, export_fashion_mnist
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none here); runs in tools/gpu_check.sh")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory) -> Path:
+    """A real-image ImageFolder tree: 10 classes x 40 train / 20 val Fashion-MNIST photos at 32 px."""
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("Debian's dataset-fashion-mnist is not installed (make setup installs it)")
+    root = tmp_path_factory.mktemp("demo") / "fashion-mnist"
+    export_fashion_mnist(root, size=32, limit_per_class=40, workers=1, progress=False)
+    # val keeps only 20 per class to stay fast
+    for cls in (root / "val").iterdir():
+        if cls.is_dir():
+            for f in sorted(cls.iterdir())[20:]:
+                f.unlink()
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """The CI machine has 2 cores; keep torch from oversubscribing them across DataLoader workers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)

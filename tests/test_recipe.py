@@ -1,0 +1,108 @@
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fastrefine.recipe import (RecipeError, load_recipe, parse_override, recipe_from_dict, recipe_to_dict,
+                               round_refinery, to_toml)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = """
+[data]
+path = "data/x"
+[model]
+name = "tiny_cnn"
+[[rounds]]
+name = "r0"
+epochs = 2
+[[rounds]]
+name = "r1"
+epochs = 3
+"""
+
+
+def write(tmp_path, text, name="r.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_file_and_defaults(tmp_path):
+    r = load_recipe(write(tmp_path, BASE))
+    assert r.data.path == "data/x"
+    assert r.loader.scale == (0.08, 1.0)
+    assert [x.epochs for x in r.rounds] == [2, 3]
+    assert round_refinery(r, 0) == "none" and round_refinery(r, 1) == "r0"
+    assert r.refinery.loss == "soft_ce" and r.refinery.bn == "eval"
+
+
+def test_unknown_key_names_file_and_dotted_path(tmp_path):
+    p = write(tmp_path, BASE.replace("[model]", "[model]\nnmae = 'x'"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert str(p) in msg and "model.nmae: unknown key" in msg and "did you mean 'name'" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(RecipeError, match=r"optimizer: unknown key"):
+        load_recipe(write(tmp_path, BASE + "\n[optimizer]\nlr = 1\n"))
+
+
+def test_wrong_type_and_range(tmp_path):
+    with pytest.raises(RecipeError, match=r"optim\.lr: expected a number, got 'fast'"):
+        load_recipe(write(tmp_path, BASE + "\n[optim]\nlr = 'fast'\n"))
+    with pytest.raises(RecipeError, match=r"optim\.lr: expected a value > 0"):
+        load_recipe(write(tmp_path, BASE + "\n[optim]\nlr = 0\n"))
+    with pytest.raises(RecipeError, match=r"rounds\[0\]\.epochs: expected an integer"):
+        load_recipe(write(tmp_path, BASE.replace("epochs = 2", "epochs = 2.5")))
+    with pytest.raises(RecipeError, match=r"loader\.scale: expected \[low, high\]"):
+        load_recipe(write(tmp_path, BASE + "\n[loader]\nscale = [1.0, 0.5]\n"))
+
+
+def test_bad_refinery_value_lists_choices(tmp_path):
+    p = write(tmp_path, BASE.replace('epochs = 3', 'epochs = 3\nrefinery = "prev"'))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert 'rounds[1].refinery: expected one of "none", "previous", an earlier round' in str(e.value)
+    assert "got 'prev'" in str(e.value)
+
+
+def test_first_round_cannot_use_previous(tmp_path):
+    with pytest.raises(RecipeError, match=r"rounds\[0\]\.refinery"):
+        load_recipe(write(tmp_path, BASE.replace('epochs = 2', 'epochs = 2\nrefinery = "previous"')))
+
+
+def test_literal_choice_error(tmp_path):
+    with pytest.raises(RecipeError, match=r"refinery\.bn: expected one of 'eval', 'batch', got 'train'"):
+        load_recipe(write(tmp_path, BASE + '\n[refinery]\nbn = "train"\n'))
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, BASE)
+    r = load_recipe(p, ["optim.lr=0.4", "run.out=/tmp/x", "rounds[1].epochs=7", "loader.scale=[0.35, 1]"])
+    assert r.optim.lr == 0.4 and r.run.out == "/tmp/x" and r.rounds[1].epochs == 7
+    assert r.loader.scale == (0.35, 1.0)
+    with pytest.raises(RecipeError, match=r"optim\.lrr: unknown key"):
+        load_recipe(p, ["optim.lrr=0.4"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(p, ["optim.lr"])
+    with pytest.raises(RecipeError, match=r"rounds\[5\] does not exist"):
+        load_recipe(p, ["rounds[5].epochs=1"])
+    assert parse_override("run.name=my-run") == (["run", "name"], "my-run")
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_recipe(write(tmp_path, BASE), ["model.options={width = 8}"])
+    text = to_toml(recipe_to_dict(r))
+    again = recipe_from_dict(tomllib.loads(text))
+    assert again == dataclasses.replace(r, source="<dict>")
+    assert again.model.options == {"width": 8}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    r = load_recipe(path)
+    assert r.rounds
