@@ -1,0 +1,115 @@
+"""Run records: metrics.jsonl, run.json (git revision, hardware, versions), curve plots, summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """Append-only JSON lines; a no-op on ranks other than 0."""
+
+    def __init__(self, path: Path, *, enabled: bool = True, **common):
+        self.path, self.enabled, self.common = Path(path), enabled, common
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**self.common, **record, "time": round(time.time(), 3)}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def hardware() -> dict:
+    info = {"host": platform.node(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    return info
+
+
+def plot_curves(metrics_path: Path, png: Path, *, title: str) -> Path | None:
+    """Train/val loss and top-1 per epoch, from metrics.jsonl, as a PNG."""
+    epochs = [m for m in read_metrics(metrics_path) if m.get("kind") == "epoch"]
+    if not epochs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [m["epoch"] + 1 for m in epochs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(x, [m["train_loss"] for m in epochs], "o-", label="train (its own loss)")
+    vx = [m["epoch"] + 1 for m in epochs if "val_loss" in m]
+    a.plot(vx, [m["val_loss"] for m in epochs if "val_loss" in m], "s-", label="val (cross-entropy)")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
+    b.plot(x, [100 * m["train_top1"] for m in epochs], "o-", label="train top-1 vs labels")
+    b.plot(vx, [100 * m["val_top1"] for m in epochs if "val_top1" in m], "s-", label="val top-1")
+    b.set_xlabel("epoch"), b.set_ylabel("%"), b.legend(), b.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+SUMMARY_COLUMNS = [("round", "round"), ("model", "model"), ("refinery", "refinery"), ("epochs", "epochs"),
+                   ("refinery_val_top1", "refinery val top-1"), ("train_top1", "train top-1"),
+                   ("val_top1", "val top-1"), ("val_top5", "val top-5"), ("best_val_top1", "best val top-1"),
+                   ("gap", "train-val gap"), ("minutes", "minutes")]
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in ("refinery_val_top1", "train_top1", "val_top1", "val_top5", "best_val_top1", "gap"):
+        return f"{100 * value:.2f}"
+    if key == "minutes":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def summary_markdown(rows: list[dict], *, title: str) -> str:
+    head = "| " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " |"
+    sep = "|" + "---|" * len(SUMMARY_COLUMNS)
+    lines = [f"# {title}", "", "Accuracies in %. train top-1 is on the augmented training crops against the "
+             "dataset's labels (the paper's train/test gap).", "", head, sep]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in SUMMARY_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(rows: list[dict], *, title: str):
+    from rich.table import Table
+    t = Table(title=title)
+    for _, h in SUMMARY_COLUMNS:
+        t.add_column(h, justify="right" if h not in ("round", "model", "refinery") else "left")
+    for r in rows:
+        t.add_row(*[_cell(k, r.get(k)) for k, _ in SUMMARY_COLUMNS])
+    return t

@@ -1,0 +1,150 @@
+"""The refinery: losses against its softmax, the frozen refinery wrapper, adversarial jittering.
+
+Label Refinery trains the student on the refinery's softmax computed on the very crop the student
+sees. Both losses here use `batchmean` reduction: the sum over classes, averaged over the batch.
+  soft_ce(s, r) = -1/B sum_b sum_c p_r(c|x_b) log p_s(c|x_b)
+  kl(s, r)      =  1/B sum_b sum_c p_r log(p_r / p_s) = soft_ce(s, r) - H(p_r)
+They have the same gradient with respect to the student; KL reads 0 when the student matches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """-sum_c p(c) log softmax(s)(c), averaged over the batch (reduction 'batchmean')."""
+    log_p = F.log_softmax(student_logits.float(), dim=1)
+    return -(target_probs.float() * log_p).sum(dim=1).mean()
+
+
+def kl_batchmean(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || student), summed over classes, averaged over the batch."""
+    log_p = F.log_softmax(student_logits.float(), dim=1)
+    return F.kl_div(log_p, target_probs.float(), reduction="batchmean")
+
+
+REFINERY_LOSSES = {"soft_ce": soft_cross_entropy, "kl": kl_batchmean}
+
+
+def make_loss(*, refined: bool, kind: str = "soft_ce", gt_weight: float = 0.0,
+              label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]:
+    """loss(student_logits, refinery_probs or None, labels), chosen once per round.
+
+    Round 0 (refined=False): cross-entropy on the labels (optional label smoothing).
+    Refined rounds: the refinery loss, plus gt_weight * cross-entropy on the labels when asked for.
+    """
+    if not refined:
+        def label_loss(logits, probs, labels):
+            del probs
+            return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        return label_loss
+    soft = REFINERY_LOSSES[kind]
+    if gt_weight == 0.0:
+        def refined_loss(logits, probs, labels):
+            del labels
+            return soft(logits, probs)
+        return refined_loss
+
+    def mixed_loss(logits, probs, labels):
+        return (1 - gt_weight) * soft(logits, probs) + gt_weight * F.cross_entropy(logits.float(), labels)
+    return mixed_loss
+
+
+def _set_bn_batch_mode(model: nn.Module) -> None:
+    """BN layers normalise with the batch's statistics, and never update their running stats."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: the stored statistics stay as trained
+
+
+class Refinery(nn.Module):
+    """A frozen model that turns a batch into target probabilities, under inference mode.
+
+    bn="eval": the whole model in eval mode (running BN statistics) -- fastrefine's default.
+    bn="batch": BN layers use the batch's statistics as the official Label Refinery code did (its
+    refinery ran in train mode); dropout stays off, and the running statistics are not updated.
+    The probabilities are cloned out of inference mode so the loss can save them for backward.
+    """
+
+    def __init__(self, model: nn.Module, *, bn: str = "eval", temperature: float = 1.0):
+        super().__init__()
+        model.eval()
+        if bn == "batch":
+            _set_bn_batch_mode(model)
+        elif bn != "eval":
+            raise ValueError(f"refinery bn mode must be 'eval' or 'batch', got {bn!r}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.temperature = temperature
+        self.bn = bn
+
+    def train(self, mode: bool = True):  # the refinery's modes are fixed at construction
+        del mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            probs = F.softmax(self.model(x).float() / self.temperature, dim=1)
+        return probs.clone()
+
+
+class NoRefinery(nn.Module):
+    """Round 0: there is no refinery; the loss reads the labels."""
+
+    def forward(self, x: torch.Tensor) -> None:
+        del x
+        return None
+
+
+def pixel_bounds(mean: tuple, std: tuple, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(low, high, one_pixel): normalised values of pixel 0 and 255 and the size of 1/255 step, per channel."""
+    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    low, high, unit = (0 - m) / s, (1 - m) / s, (1 / 255) / s
+    return low.to(dtype), high.to(dtype), unit.to(dtype)
+
+
+class AdversarialJitter:
+    """Replace a fraction of each batch with one-step adversarially jittered images (paper, Sec. 3.3).
+
+    Gradient used: d/dx of KL(p_refinery(x) || p_student(x)), the divergence the student is trained
+    to close, with the refinery's probabilities held fixed at the clean crop. One signed step of
+    `epsilon` pixel units (0..255 scale) moves each jittered image to where the student disagrees
+    with its refinery most, to first order; the result is clamped to valid pixels. The student is then
+    trained on the jittered image against the refinery's softmax *of the jittered image* (the step's
+    usual refinery forward sees the jittered batch). The student's plain module is used here, never
+    its DDP wrapper: a gradient with respect to the input alone must not trigger DDP's all-reduce.
+    """
+
+    def __init__(self, *, student: nn.Module, refinery: nn.Module, fraction: float, epsilon: float,
+                 mean: tuple, std: tuple, autocast: Callable):
+        self.student, self.refinery = student, refinery
+        self.fraction, self.epsilon, self.autocast = fraction, epsilon, autocast
+        self.mean, self.std = mean, std
+        self._bounds: tuple | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(round(self.fraction * x.shape[0]))
+        if n == 0:
+            return x
+        if self._bounds is None or self._bounds[0].device != x.device or self._bounds[0].dtype != x.dtype:
+            self._bounds = pixel_bounds(self.mean, self.std, x.device, x.dtype)
+        low, high, unit = self._bounds
+        xa = x[:n].detach().clone().requires_grad_(True)
+        with self.autocast():
+            target = self.refinery(xa.detach())
+            div = kl_batchmean(self.student(xa), target)
+        (grad,) = torch.autograd.grad(div, xa)
+        jittered = torch.max(torch.min(xa.detach() + self.epsilon * unit * grad.sign(), high), low)
+        return torch.cat([jittered, x[n:]]).contiguous(memory_format=torch.channels_last)
+
+
+def no_jitter(x: torch.Tensor) -> torch.Tensor:
+    return x
