@@ -259,7 +259,8 @@ def run_round(ctx: Context, index: int) -> dict:
             if (epoch + 1) % r.run.eval_every == 0 or epoch + 1 == rd.epochs:
                 last_eval = evaluate(raw_student, val_loader, autocast=ctx.precision.autocast,
                                      max_batches=r.run.max_val_batches, all_reduce=reduce)
-                record.update(val_loss=last_eval["loss"], val_top1=last_eval["top1"], val_top5=last_eval["top5"])
+                record.update(val_loss=last_eval["loss"], val_top1=last_eval["top1"], val_top5=last_eval["top5"],
+                              val_images=last_eval["images"])
             metrics.write(record)
             improved = last_eval is not None and "val_top1" in record and record["val_top1"] > best
             if improved:

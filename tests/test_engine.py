@@ -1,0 +1,112 @@
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from fastrefine.engine import (make_optimizer, param_groups, resolve_precision, train_epoch, train_step)
+from fastrefine.errors import RunError
+from fastrefine.recipe import ScheduleConfig
+from fastrefine.refinery import NoRefinery, Refinery, make_loss, no_jitter
+from fastrefine.schedule import lr_at, resolution_at
+
+
+def test_precision_chosen_once():
+    p = resolve_precision("auto", torch.device("cpu"))
+    assert p.name == "bf16" and not p.scaler().is_enabled()
+    with p.autocast():
+        assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
+    f32 = resolve_precision("fp32", torch.device("cpu"))
+    with f32.autocast():
+        assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.float32
+    with pytest.raises(RunError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_weight_decay_groups_by_module_type():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.LayerNorm(4 * 6 * 6),
+                        nn.Linear(4 * 6 * 6, 2))
+    decay, no_decay = param_groups(net, weight_decay=0.1, decay_norm_and_bias=False)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(decay["params"]) == {id(net[0].weight), id(net[4].weight)}
+    assert ids(no_decay["params"]) == {id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[3].weight),
+                                       id(net[3].bias), id(net[4].bias)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    (everything,) = param_groups(net, weight_decay=0.1, decay_norm_and_bias=True)
+    assert len(everything["params"]) == len(list(net.parameters()))
+    opt = make_optimizer(net, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5, decay_norm_and_bias=False)
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+
+
+def test_schedules():
+    step = ScheduleConfig(kind="step", steps=[[0, 140, 0.01], [140, 170, 0.001], [170, 200, 0.0001]])
+    assert [lr_at(e, cfg=step, base_lr=9, total_epochs=200) for e in (0, 139.9, 140, 169, 170, 250)] == \
+        [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001]
+    cos = ScheduleConfig(kind="cosine", final_lr_ratio=0.1)
+    assert lr_at(0, cfg=cos, base_lr=1.0, total_epochs=10) == pytest.approx(1.0)
+    assert lr_at(5, cfg=cos, base_lr=1.0, total_epochs=10) == pytest.approx(0.55)
+    assert lr_at(10, cfg=cos, base_lr=1.0, total_epochs=10) == pytest.approx(0.1)
+    tri = ScheduleConfig(kind="triangular", peak_epoch=2)
+    assert [lr_at(e, cfg=tri, base_lr=1.0, total_epochs=10) for e in (0, 1, 2, 6, 10)] == \
+        pytest.approx([0, 0.5, 1.0, 0.5, 0.0])
+    warm = ScheduleConfig(kind="constant", warmup_epochs=2)
+    assert lr_at(0.5, cfg=warm, base_lr=0.4, total_epochs=10) == pytest.approx(0.1)
+    assert lr_at(3, cfg=warm, base_lr=0.4, total_epochs=10) == pytest.approx(0.4)
+
+
+def test_progressive_resolution():
+    kw = dict(start=160, end=192, from_epoch=2, to_epoch=6, multiple=32)
+    assert [resolution_at(e, **kw) for e in (0, 2, 4, 6, 9)] == [160, 160, 192, 192, 192]
+    kw = dict(start=128, end=256, from_epoch=0, to_epoch=4, multiple=32)
+    assert [resolution_at(e, **kw) for e in range(5)] == [128, 160, 192, 224, 256]
+
+
+def test_step_is_short_and_branch_free():
+    src = inspect.getsource(train_step)
+    body = src.split('"""')[-1]
+    assert len(src.splitlines()) < 40
+    assert " if " not in body and "backend" not in body and "amp" not in body
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4))
+
+
+def _step_kwargs(student, refinery, refined):
+    opt = make_optimizer(student, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0, decay_norm_and_bias=False)
+    p = resolve_precision("bf16", torch.device("cpu"))
+    return dict(student=student, refinery=refinery, loss_fn=make_loss(refined=refined), jitter=no_jitter,
+                optimizer=opt, scaler=p.scaler(), autocast=p.autocast, clip=lambda m: None)
+
+
+def test_train_step_matches_refinery_on_the_same_batch():
+    torch.manual_seed(0)
+    teacher = _tiny()
+    refinery = Refinery(teacher)
+    student = _tiny()
+    torch.nn.init.normal_(student[-1].weight)
+    kw = _step_kwargs(student, refinery, refined=True)
+    x = torch.randn(16, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (16,))
+    losses = [train_step(x, y, **kw)[0].item() for _ in range(30)]
+    assert losses[-1] < losses[0] * 0.7  # the student moves towards the refinery's softmax on x
+    teacher_w = [p.clone() for p in teacher.parameters()]
+    train_step(x, y, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_w, teacher.parameters()))  # refinery untouched
+
+
+def test_train_epoch_reports_and_stops_on_nan():
+    student = _tiny()
+    kw = _step_kwargs(student, NoRefinery(), refined=False)
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(4)]
+    step = lambda x, y: train_step(x, y, **kw)  # noqa: E731
+    logs = []
+    res = train_epoch(batches, step=step, optimizer=kw["optimizer"], lr_fn=lambda e: 0.05, epoch=0,
+                      steps_per_epoch=4, log_every=2, on_log=logs.append)
+    assert res.images == 32 and res.steps == 4 and 0 <= res.top1 <= 1 and len(logs) == 2
+    bad = [(torch.full((8, 3, 8, 8), float("nan")), torch.randint(0, 4, (8,)))] * 2
+    with pytest.raises(RunError, match="loss became nan"):
+        train_epoch(bad, step=step, optimizer=kw["optimizer"], lr_fn=lambda e: 0.05, epoch=0,
+                    steps_per_epoch=2, log_every=1)

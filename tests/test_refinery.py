@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastrefine.models import create_model
+from fastrefine.refinery import NoRefinery, Refinery, kl_batchmean, make_loss, soft_cross_entropy
+
+
+def test_soft_cross_entropy_against_hand_computation():
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0]])
+    # by hand: -sum_c p_c log softmax(s)_c per row, then the mean over the 2 rows (batchmean)
+    rows = []
+    for srow, prow in zip(s.tolist(), p.tolist()):
+        z = math.log(sum(math.exp(v) for v in srow))
+        rows.append(-sum(pc * (sc - z) for sc, pc in zip(srow, prow)))
+    assert soft_cross_entropy(s, p).item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+
+
+def test_kl_is_soft_ce_minus_entropy_and_zero_at_match():
+    torch.manual_seed(0)
+    s, r = torch.randn(4, 10), torch.randn(4, 10)
+    p = F.softmax(r, 1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert kl_batchmean(s, p).item() == pytest.approx((soft_cross_entropy(s, p) - entropy).item(), abs=1e-5)
+    assert kl_batchmean(r, p).item() == pytest.approx(0.0, abs=1e-6)
+    # same gradient with respect to the student
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().requires_grad_(True)
+    soft_cross_entropy(s1, p).backward()
+    kl_batchmean(s2, p).backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6)
+
+
+def test_one_hot_target_equals_cross_entropy():
+    torch.manual_seed(1)
+    s, y = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    assert soft_cross_entropy(s, F.one_hot(y, 7).float()).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+
+
+def test_make_loss_variants():
+    torch.manual_seed(2)
+    s, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    p = F.softmax(torch.randn(3, 4), 1)
+    assert make_loss(refined=False)(s, None, y).item() == pytest.approx(F.cross_entropy(s, y).item())
+    assert make_loss(refined=False, label_smoothing=0.1)(s, None, y).item() == pytest.approx(
+        F.cross_entropy(s, y, label_smoothing=0.1).item())
+    assert make_loss(refined=True)(s, p, y).item() == pytest.approx(soft_cross_entropy(s, p).item())
+    mixed = make_loss(refined=True, gt_weight=0.25)(s, p, y).item()
+    assert mixed == pytest.approx(0.75 * soft_cross_entropy(s, p).item() + 0.25 * F.cross_entropy(s, y).item())
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    net.train()
+    for _ in range(3):  # give BN non-trivial running statistics
+        net(torch.randn(8, 3, 8, 8) * 3 + 1)
+    return net
+
+
+def test_refinery_is_frozen_eval_and_gives_probabilities():
+    ref = Refinery(_bn_net(), bn="eval")
+    x = torch.randn(6, 3, 8, 8)
+    ref.train()  # must not switch the refinery back to train mode
+    p1, p2 = ref(x), ref(x)
+    assert torch.equal(p1, p2)  # eval mode: no dropout, running statistics
+    assert torch.allclose(p1.sum(1), torch.ones(6), atol=1e-5)
+    assert all(not p.requires_grad for p in ref.parameters())
+    # the probabilities can be used in a loss that needs backward (not inference tensors)
+    s = torch.randn(6, 5, requires_grad=True)
+    soft_cross_entropy(s, p1).backward()
+    assert s.grad is not None
+
+
+def test_refinery_batch_bn_uses_batch_stats_and_keeps_running_stats():
+    net = _bn_net()
+    bn = net[1]
+    before = bn.running_mean.clone()
+    ref = Refinery(net, bn="batch")
+    x = torch.randn(6, 3, 8, 8)
+    p = ref(x)
+    assert torch.equal(bn.running_mean, before)       # running stats untouched
+    assert bn.training and not net[3].training         # BN in batch mode, dropout off
+    assert torch.equal(p, ref(x))                      # deterministic (no dropout)
+    eval_p = Refinery(_bn_net(), bn="eval")(x)
+    assert not torch.allclose(p, eval_p)               # batch statistics differ from running ones
+
+
+def test_no_refinery_returns_none():
+    assert NoRefinery()(torch.zeros(1, 3, 4, 4)) is None
+
+
+def test_refinery_on_real_model_in_channels_last():
+    m = create_model("tiny_cnn", num_classes=10).to(memory_format=torch.channels_last)
+    ref = Refinery(m)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p = ref(x)
+    assert p.dtype == torch.float32 and p.shape == (2, 10)

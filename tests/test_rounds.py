@@ -1,0 +1,183 @@
+"""The whole trainer on real demo images: chains, skip, exact resume, NaN stop, DDP, the darknet19 recipe."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrefine import checkpoint as ckpt
+from fastrefine.errors import RunError
+from fastrefine.recipe import load_recipe
+from fastrefine.rounds import SimulatedStop, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_recipe(tmp_path: Path, data: Path, *, name="t", extra="", rounds=None) -> Path:
+    rounds = rounds or """
+[[rounds]]
+name = "r0"
+epochs = 2
+[[rounds]]
+name = "r1"
+epochs = 1
+"""
+    text = f"""
+[run]
+name = "{name}"
+out = "{tmp_path}/runs"
+seed = 3
+log_every = 2
+progress = false
+[data]
+path = "{data}"
+[loader]
+backend = "torch"
+batch_size = 32
+resolution = 32
+workers = 0
+val_crop_ratio = 1.0
+[model]
+name = "tiny_cnn"
+[optim]
+lr = 0.1
+{extra}
+{rounds}
+"""
+    p = tmp_path / f"{name}.toml"
+    p.write_text(text)
+    return p
+
+
+def final_weights(run_dir: Path, round_name: str) -> dict:
+    return ckpt.load(run_dir / round_name / "last.pt")["model"]
+
+
+def test_chain_records_and_skip(tmp_path, demo_tree):
+    recipe = load_recipe(make_recipe(tmp_path, demo_tree))
+    rows = run_recipe(recipe)
+    run = tmp_path / "runs" / "t"
+    assert [r["round"] for r in rows] == ["r0", "r1"]
+    for rd in ("r0", "r1"):
+        d = run / rd
+        for f in ("recipe.toml", "run.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "done.json"):
+            assert (d / f).is_file(), f"{rd}/{f} missing"
+        info = json.loads((d / "run.json").read_text())
+        assert info["backend"] == "torch" and info["precision"] == "bf16" and info["git"]
+    m1 = [json.loads(line) for line in (run / "r1" / "metrics.jsonl").read_text().splitlines()]
+    kinds = [m["kind"] for m in m1]
+    assert kinds[0] == "refinery" and "epoch" in kinds and "step" in kinds
+    assert [m for m in m1 if m["kind"] == "epoch"][-1]["val_top1"] > 0
+    # the refinery's val accuracy recorded in round 1 is round 0's final val accuracy (same weights, same data)
+    r0_last = [json.loads(x) for x in (run / "r0" / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x)["kind"] == "epoch"][-1]
+    assert r0_last["val_top1"] > 0.15      # 10 classes, 200 val images: chance is 0.10 +/- 0.02
+    assert m1[0]["val_top1"] == pytest.approx(r0_last["val_top1"], abs=1e-6)
+    assert rows[1]["refinery_val_top1"] == pytest.approx(r0_last["val_top1"], abs=1e-6)
+    assert "| r1 |" in (run / "summary.md").read_text()
+    # a rerun skips finished rounds and writes nothing new
+    before = (run / "r1" / "metrics.jsonl").read_text()
+    rows2 = run_recipe(recipe)
+    assert [r["val_top1"] for r in rows2] == [r["val_top1"] for r in rows]
+    assert (run / "r1" / "metrics.jsonl").read_text() == before
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, demo_tree):
+    rounds = """
+[[rounds]]
+name = "r0"
+epochs = 3
+"""
+    straight = load_recipe(make_recipe(tmp_path, demo_tree, name="straight", rounds=rounds))
+    run_recipe(straight)
+    killed = load_recipe(make_recipe(tmp_path, demo_tree, name="killed", rounds=rounds))
+    steps_per_epoch = 400 // 32  # demo_tree: 10 classes x 40 train images
+    with pytest.raises(SimulatedStop):
+        run_recipe(killed, stop_after_steps=steps_per_epoch + 4)  # dies in the middle of epoch 2
+    assert ckpt.load(tmp_path / "runs/killed/r0/last.pt")["epoch"] == 1
+    run_recipe(killed)  # resumes automatically
+    a = final_weights(tmp_path / "runs/straight", "r0")
+    b = final_weights(tmp_path / "runs/killed", "r0")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tree):
+    rounds = """
+[[rounds]]
+name = "r0"
+epochs = 1
+"""
+    p = make_recipe(tmp_path, demo_tree, name="nan", rounds=rounds)
+    run_recipe(load_recipe(p))
+    good = ckpt.load(tmp_path / "runs/nan/r0/last.pt")
+    (tmp_path / "runs/nan/r0/done.json").unlink()  # ask for one more epoch of the same round
+    with pytest.raises(RunError, match="loss became"):
+        run_recipe(load_recipe(p, ["rounds[0].epochs=2", "optim.lr=1e30", "schedule.kind='constant'",
+                                   "run.log_every=1"]))
+    after = ckpt.load(tmp_path / "runs/nan/r0/last.pt")
+    assert after["epoch"] == 1
+    assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
+
+
+def test_restart_keeps_the_old_folder(tmp_path, demo_tree):
+    rounds = """
+[[rounds]]
+name = "r0"
+epochs = 1
+"""
+    p = make_recipe(tmp_path, demo_tree, name="again", rounds=rounds, extra="[run]\n" if False else "")
+    r = load_recipe(p, ["run.max_steps_per_epoch=2", "run.max_val_batches=1"])
+    run_recipe(r)
+    run_recipe(r, restart=True)
+    old = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("again.old-")]
+    assert len(old) == 1 and (old[0] / "r0" / "last.pt").is_file()
+    assert (tmp_path / "runs/again/r0/done.json").is_file()
+
+
+def test_darknet19_recipe_smoke(tmp_path, demo_tree):
+    r = load_recipe(ROOT / "recipes/darknet19.toml", [
+        f"data.path={demo_tree}", f"run.out={tmp_path}/runs", "run.compile=false", "run.progress=false",
+        "loader.backend=torch", "loader.resolution=32", "loader.val_resolution=32", "loader.batch_size=8",
+        "loader.workers=0", "run.max_steps_per_epoch=2", "run.max_val_batches=1",
+        "rounds[0].epochs=1", "rounds[1].epochs=1"])
+    rows = run_recipe(r)
+    assert [x["model"] for x in rows] == ["darknet19", "darknet19"]
+    assert rows[1]["refinery"].startswith("labels")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, demo_tree):
+    rounds = """
+[[rounds]]
+name = "r0"
+epochs = 1
+[[rounds]]
+name = "r1"
+epochs = 1
+"""
+    p = make_recipe(tmp_path, demo_tree, name="ddp", rounds=rounds)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fastrefine", "--quiet", "run", str(p)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    epochs = [json.loads(x) for x in (run / "r1" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "epoch"]
+    assert len(epochs) == 1  # rank 0 alone writes records
+    info = json.loads((run / "r1" / "run.json").read_text())
+    assert info["world_size"] == 2
+    # train: each rank takes an equal share and drops its partial batch; val: every image exactly once
+    assert epochs[0]["train_images"] == 2 * (400 // 2 // 32 * 32)
+    assert epochs[0]["val_images"] == 200
+    done = json.loads((run / "r1" / "done.json").read_text())
+    assert done["val_top1"] >= 0
+    val = [json.loads(x) for x in (run / "r1" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["kind"] == "refinery"][0]
+    assert val["val_top1"] >= 0
