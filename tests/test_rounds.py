@@ -181,3 +181,17 @@ epochs = 1
     val = [json.loads(x) for x in (run / "r1" / "metrics.jsonl").read_text().splitlines()
            if json.loads(x)["kind"] == "refinery"][0]
     assert val["val_top1"] >= 0
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_compiled_student_and_refinery(tmp_path, demo_tree):
+    """torch.compile of the student and, on its own, of the refinery (slow cold on the CPU: one test)."""
+    p = make_recipe(tmp_path, demo_tree, name="compiled")
+    r = load_recipe(p, ["run.compile=true", "run.max_steps_per_epoch=3", "run.max_val_batches=1",
+                        "rounds[0].epochs=1"])
+    rows = run_recipe(r)
+    assert len(rows) == 2 and all(row["val_top1"] >= 0 for row in rows)
+    # the checkpoint holds plain (uncompiled) parameter names, loadable without compile
+    state = ckpt.load(tmp_path / "runs/compiled/r1/last.pt")["model"]
+    assert not any(k.startswith("_orig_mod") for k in state)
