@@ -189,8 +189,9 @@ def run_round(ctx: Context, index: int) -> dict:
     adv = r.refinery.adversarial
     jitter = no_jitter
     if refined and adv.fraction > 0:
+        from .loaders import IMAGENET_MEAN, IMAGENET_STD  # what every loader normalises with
         jitter = AdversarialJitter(student=raw_student, refinery=refinery, fraction=adv.fraction,
-                                   epsilon=adv.epsilon, mean=_mean_std(r)[0], std=_mean_std(r)[1],
+                                   epsilon=adv.epsilon, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                    autocast=ctx.precision.autocast)
     loss_fn = make_loss(refined=refined, kind=r.refinery.loss, gt_weight=r.refinery.gt_weight,
                         label_smoothing=r.optim.label_smoothing)
@@ -294,11 +295,6 @@ def run_round(ctx: Context, index: int) -> dict:
         (rdir / "done.json").write_text(json.dumps(summary, indent=2))
     ctx.dist.barrier()
     return summary
-
-
-def _mean_std(recipe: Recipe):
-    from .loaders import IMAGENET_MEAN, IMAGENET_STD
-    return IMAGENET_MEAN, IMAGENET_STD
 
 
 # --------------------------------------------------------------------------------------------- chain
