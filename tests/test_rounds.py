@@ -195,3 +195,20 @@ def test_compiled_student_and_refinery(tmp_path, demo_tree):
     # the checkpoint holds plain (uncompiled) parameter names, loadable without compile
     state = ckpt.load(tmp_path / "runs/compiled/r1/last.pt")["model"]
     assert not any(k.startswith("_orig_mod") for k in state)
+
+
+def test_compare_runs_tool(tmp_path, demo_tree):
+    rounds = """
+[[rounds]]
+name = "r0"
+epochs = 1
+"""
+    p = make_recipe(tmp_path, demo_tree, name="cmp", rounds=rounds)
+    run_recipe(load_recipe(p, ["run.max_steps_per_epoch=2", "run.max_val_batches=1"]))
+    res = subprocess.run([sys.executable, str(ROOT / "tools/compare_runs.py"), str(tmp_path / "runs/cmp"),
+                          "--markdown", "--plot", str(tmp_path / "cmp.png")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "| cmp/r0 | tiny_cnn |" in res.stdout and (tmp_path / "cmp.png").stat().st_size > 1000
+    res = subprocess.run([sys.executable, str(ROOT / "tools/compare_runs.py"), str(tmp_path / "nothing")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "not a folder" in res.stderr
