@@ -1,0 +1,134 @@
+"""Turn one source file into clean JPEG bytes, or into a reason it was skipped.
+
+This is the function the process pool runs for every image, so it imports nothing heavy: PIL and
+the standard library only. It never raises for a bad image; it returns a `Cleaned` whose `reason`
+says why the file was skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Modes PIL can hand back that `.convert("RGB")` maps badly (16/32-bit integer, float).
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    """What one source file became: `data` (JPEG bytes) with its size, or `kind`+`reason` when skipped."""
+
+    data: bytes | None = None
+    width: int = 0
+    height: int = 0
+    kind: str = ""                  # short category of a skip: "empty", "unreadable", "truncated", ...
+    reason: str = ""                # one human line naming what was wrong
+    notes: tuple[str, ...] = field(default_factory=tuple)   # what was repaired: "cmyk", "png-content", ...
+
+    @property
+    def ok(self) -> bool:
+        return self.data is not None
+
+
+def target_size(*, width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size with the longer side at most `max_side`, aspect kept, never upscaled."""
+    longer = max(width, height)
+    if longer <= max_side:
+        return width, height
+    scale = max_side / longer
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def clean_image(path: str, max_side: int, quality: int) -> Cleaned:
+    """Decode `path` fully, apply EXIF orientation, make it RGB, shrink it, re-encode it as JPEG.
+
+    Positional arguments so that it can be mapped by a process pool with `functools.partial`.
+    Truncated files are refused because PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at False.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return Cleaned(kind="empty", reason="empty file (0 bytes)")
+        with Image.open(path) as img:
+            notes = _describe_source(img=img, path=path)
+            rgb = _to_rgb(img=img, max_side=max_side, notes=notes)
+    except UnidentifiedImageError:
+        return Cleaned(kind="unreadable", reason="not an image PIL can identify")
+    except Image.DecompressionBombError as e:
+        return Cleaned(kind="too-large", reason=f"too many pixels ({e})")
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        text = str(e) or type(e).__name__
+        kind = "truncated" if "truncated" in text.lower() else "corrupt"
+        return Cleaned(kind=kind, reason=f"cannot decode: {text}")
+    data = _encode_jpeg(img=rgb, quality=quality)
+    return Cleaned(data=data, width=rgb.width, height=rgb.height, notes=tuple(notes))
+
+
+def _describe_source(*, img: Image.Image, path: str) -> list[str]:
+    notes: list[str] = []
+    suffix = os.path.splitext(path)[1].lower()
+    if img.format == "PNG" and suffix in (".jpg", ".jpeg"):
+        notes.append("png-content")
+    if img.mode == "CMYK":
+        notes.append("cmyk")
+    elif img.mode in ("L", "LA", "1") or img.mode in _WIDE_MODES:
+        notes.append("grayscale")
+    return notes
+
+
+def _to_rgb(*, img: Image.Image, max_side: int, notes: list[str]) -> Image.Image:
+    """Full decode (so truncation surfaces here), orientation, colour, size."""
+    if img.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays at least the target size.
+        want = target_size(width=img.width, height=img.height, max_side=max_side)
+        img.draft("RGB", want)
+    img.load()
+    img = _apply_orientation(img=img, notes=notes)
+    if img.mode in _WIDE_MODES:
+        img = _wide_to_l(img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    size = target_size(width=img.width, height=img.height, max_side=max_side)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return img
+
+
+def _apply_orientation(*, img: Image.Image, notes: list[str]) -> Image.Image:
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is no reason to drop the pixels
+        notes.append("bad-exif-ignored")
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        out = ImageOps.exif_transpose(img)
+    except Exception:
+        notes.append("bad-exif-ignored")
+        return img
+    notes.append("exif-rotated")
+    return out
+
+
+def _encode_jpeg(*, img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit or float grayscale -> 8-bit, scaled by the type's range (16-bit) or the image's maximum."""
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+    if img.mode == "F" and top <= 1.0:
+        top = 1.0
+    return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+
+
+def clean_many(paths: list[str], max_side: int, quality: int) -> list[Cleaned]:
+    """`clean_image` over a chunk of paths: one pool task per chunk keeps the pickling overhead low."""
+    return [clean_image(p, max_side, quality) for p in paths]
