@@ -1,0 +1,204 @@
+"""FFCV backend: reads the converter's `.beton` files (fields `image` RGBImageField, `label` IntField).
+
+Image pipeline: RandomResizedCropRGBImageDecoder + RandomHorizontalFlip (train) or
+CenterCropRGBImageDecoder (val) -> [NormalizeImage] -> ToTensor -> ToDevice -> ToTorchImage(channels_last).
+
+Where normalisation runs (`normalize_in=`):
+- "ffcv" (CPU only): FFCV's NormalizeImage on the uint8 HWC numpy batch, inside FFCV's compiled
+  worker threads, *before* ToTensor. (After ToTensor the CPU kernel never finishes: FFCV 1.0.2's CPU
+  NormalizeImage is a numba kernel that only runs in the jit-compiled stage before ToTensor.) FFCV's
+  GPU NormalizeImage needs cupy, which this project does not ship, so "ffcv" is refused on CUDA.
+- "torch": uint8 crosses to the device (4x fewer bytes than fp32), then one torch expression casts to
+  opts.dtype and normalises there.
+- default (None): "ffcv" on the CPU (measured 2.9x faster there: FFCV's lookup-table kernel runs in its
+  worker threads, torch's elementwise ops in the training thread; see docs/loaders.md), "torch" on CUDA.
+Either way every batch is copied out of FFCV's output buffers (which FFCV recycles `batches_ahead`
+batches later), so a caller may keep it.
+
+Order: RANDOM (default) or QUASI_RANDOM (`order=`; reads pages in a shuffled order, for datasets larger
+than RAM with `os_cache=False`), both deterministic from seed + epoch via FFCV's own traversal orders.
+With world_size > 1, train uses `RankStrideOrder`: the same seed+epoch permutation of all N samples on
+every rank, rank r taking positions r, r+W, ... cut to N // W, so ranks never overlap and all run the
+same number of steps. (FFCV's own `distributed=True` asks torch.distributed for rank and world size,
+ignoring the loader's options, pads ranks with duplicate samples and refuses QUASI_RANDOM.) Val with
+world_size > 1 reads `indices=` the rank's stride shard in sequence: every image exactly once overall.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from fastrefine.errors import UsageError
+from fastrefine.manifest import MANIFEST_NAME, read_manifest
+
+from .base import LoaderOptions, mean_std_tensors, shard_indices
+
+ORDERS = ("random", "quasi_random")
+
+
+def _traversal_base():
+    from ffcv.traversal_order.base import TraversalOrder
+    return TraversalOrder
+
+
+class RankStrideOrder:
+    """An FFCV traversal order (FFCV calls `order(loader)` on the instance it is handed): one global
+    permutation per epoch from (seed, epoch), rank r keeps positions r, r+W, ... cut to N // W."""
+
+    def __init__(self, *, seed: int, rank: int, world_size: int):
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def __call__(self, loader):
+        outer = self
+
+        class _Bound(_traversal_base()):
+            def sample_order(self, epoch: int) -> Sequence[int]:
+                return outer.sample_order(self.indices, epoch)
+
+        return _Bound(loader)
+
+    def sample_order(self, indices: np.ndarray, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng(self.seed + epoch).permutation(indices)
+        per_rank = len(indices) // self.world_size
+        return perm[self.rank::self.world_size][:per_rank]
+
+
+def _as_ffcv_order(order):
+    """Register RankStrideOrder as a virtual TraversalOrder so FFCV's isinstance check accepts it."""
+    _traversal_base().register(RankStrideOrder)
+    return order
+
+
+def beton_path(data: Path, split: str) -> Path:
+    if (data / MANIFEST_NAME).is_file():
+        path = read_manifest(data).ffcv_file(split)
+    elif data.suffix == ".beton":
+        path = data
+    else:
+        path = data / f"{split}.beton"
+    if not path.is_file():
+        raise UsageError(f"FFCV loader: {path} does not exist (convert the dataset with --format ffcv)")
+    return path
+
+
+class FfcvLoader:
+    """BatchLoader over an FFCV .beton. Extra keyword options: `order` ("random" | "quasi_random"),
+    `os_cache` (let the OS page cache hold the file; False = FFCV's own process cache),
+    `normalize_in` ("torch" | "ffcv" | None = by device), `batches_ahead`."""
+
+    backend = "ffcv"
+
+    def __init__(self, data: Path, opts: LoaderOptions, *, order: str = "random", os_cache: bool = True,
+                 normalize_in: str | None = None, batches_ahead: int = 3):
+        if normalize_in is None:
+            normalize_in = "ffcv" if opts.device.type == "cpu" else "torch"
+        if order not in ORDERS:
+            raise UsageError(f"FFCV loader: order {order!r}, expected one of {ORDERS}")
+        if normalize_in not in ("torch", "ffcv"):
+            raise UsageError(f"FFCV loader: normalize_in {normalize_in!r}, expected 'torch' or 'ffcv'")
+        if normalize_in == "ffcv" and opts.device.type != "cpu":
+            raise UsageError("FFCV loader: normalize_in='ffcv' runs on the CPU only (FFCV's GPU "
+                             "NormalizeImage needs cupy); use 'torch'")
+        if not 0 <= opts.rank < opts.world_size:
+            raise UsageError(f"FFCV loader: rank {opts.rank} is outside world_size {opts.world_size}")
+        self.opts = opts
+        self.path = beton_path(Path(data), opts.split)
+        self.batch_size = opts.batch_size
+        self.resolution = opts.resolution
+        self.normalize_in = normalize_in
+        self.normalize_on = "host" if normalize_in == "ffcv" else "device"
+        self._mean, self._std = mean_std_tensors(opts)
+        self._decoder = None
+        self._loader = self._make_loader(order=order, os_cache=os_cache, batches_ahead=batches_ahead)
+        self.total = int(self._loader.reader.num_samples)
+
+    # -- construction --------------------------------------------------------------------------
+    def _image_pipeline(self) -> list:
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+        o, r = self.opts, self.resolution
+        if o.train:
+            self._decoder = RandomResizedCropRGBImageDecoder((r, r), scale=o.scale, ratio=o.ratio)
+            ops = [self._decoder, RandomHorizontalFlip()]
+        else:
+            self._decoder = CenterCropRGBImageDecoder((r, r), ratio=o.val_crop_ratio)
+            ops = [self._decoder]
+        if self.normalize_in == "ffcv":
+            ops.append(NormalizeImage(np.array(o.mean) * 255, np.array(o.std) * 255, np.float32))
+        return ops + [ToTensor(), ToDevice(o.device, non_blocking=True), ToTorchImage(channels_last=True)]
+
+    def _label_pipeline(self) -> list:
+        from ffcv.fields.decoders import IntDecoder
+        from ffcv.transforms import ToDevice, ToTensor
+        # no FFCV Squeeze: it makes a batch of one 0-d, and ToDevice then dies in FFCV's worker thread
+        # (the main thread would wait for that batch forever); reshape in torch instead
+        return [IntDecoder(), ToTensor(), ToDevice(self.opts.device, non_blocking=True)]
+
+    def _order_and_indices(self, order: str, n: int):
+        from ffcv.loader import OrderOption
+        o = self.opts
+        if not o.do_shuffle:
+            indices = None if o.world_size == 1 else np.array(
+                shard_indices(n, rank=o.rank, world_size=o.world_size,
+                              drop_last=o.do_drop_last, batch_size=o.batch_size))
+            return OrderOption.SEQUENTIAL, indices
+        if o.world_size == 1:
+            return (OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM), None
+        if order == "quasi_random":  # pages shuffled within a fixed rank shard
+            return OrderOption.QUASI_RANDOM, np.arange(o.rank, n, o.world_size)[: n // o.world_size]
+        return _as_ffcv_order(RankStrideOrder(seed=o.seed, rank=o.rank, world_size=o.world_size)), None
+
+    def _make_loader(self, *, order: str, os_cache: bool, batches_ahead: int):
+        from ffcv.loader import Loader
+        from ffcv.reader import Reader
+
+        n = int(Reader(str(self.path)).num_samples)
+        if n < self.opts.world_size:
+            raise UsageError(f"{self.path}: {n} images, fewer than world_size {self.opts.world_size}")
+        ffcv_order, indices = self._order_and_indices(order, n)
+        try:
+            return Loader(str(self.path), batch_size=self.batch_size, num_workers=max(1, self.opts.workers),
+                          os_cache=os_cache, order=ffcv_order, distributed=False, seed=self.opts.seed,
+                          indices=indices, drop_last=self.opts.do_drop_last, batches_ahead=batches_ahead,
+                          pipelines={"image": self._image_pipeline(), "label": self._label_pipeline()})
+        except ValueError as e:  # e.g. QUASI_RANDOM with os_cache=True
+            raise UsageError(f"FFCV loader for {self.path}: {e}") from e
+
+    # -- the interface -------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        n = len(self._loader.first_traversal_order)
+        return (n // self.batch_size) * self.batch_size if self.opts.do_drop_last else n
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader.next_epoch = epoch  # FFCV's orders derive the permutation from seed + epoch
+
+    def set_resolution(self, resolution: int) -> None:
+        """Change the decoder's output size; FFCV re-plans its buffers and recompiles next epoch."""
+        if resolution < 1:
+            raise UsageError(f"FFCV loader: resolution must be positive, got {resolution}")
+        if resolution == self.resolution:
+            return
+        self.resolution = resolution
+        self._decoder.output_size = (resolution, resolution)
+        self._loader.generate_code()  # re-collects the allocation plan, which reads output_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # both outputs are copied out of FFCV's buffers, which it recycles `batches_ahead` batches later
+        for images, labels in self._loader:
+            yield self._finish(images), labels.reshape(-1).to(torch.int64, copy=True)
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        if self.normalize_in == "ffcv":  # already normalised fp32; the cast also frees FFCV's buffer
+            out = images.to(self.opts.dtype, memory_format=torch.channels_last, copy=True)
+        else:
+            out = images.to(self.opts.dtype, memory_format=torch.channels_last).sub_(self._mean).div_(self._std)
+        return out if self.opts.channels_last else out.contiguous()

@@ -1,0 +1,261 @@
+"""The three loader backends on one small converted dataset of real Fashion-MNIST photos.
+
+One module-scoped dataset (4 classes of unequal size, 64 px RGB JPEGs) is converted once with
+`convert_dataset`; every val epoch is read once per backend and shared by the tests that compare them,
+because FFCV pays ~10 s of numba compile for its first batch in a process.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastrefine.demo import load_fashion_mnist
+from fastrefine.errors import UsageError
+from fastrefine.loaders import build
+from fastrefine.manifest import read_manifest
+
+TRAIN_COUNTS = (40, 24, 32, 16)  # 112 = 7 batches of 16: a train epoch holds every image
+VAL_COUNTS = (12, 7, 9, 5)      # 33: odd, so 2 ranks get 17 + 16 and the last batches are partial
+RES = 32
+CPU = torch.device("cpu")
+BACKENDS = ("torch", "dali", "ffcv")
+
+
+def write_tree(root: Path) -> None:
+    """An ImageFolder tree of real Fashion-MNIST images, 28 px upscaled to 64 px RGB JPEG."""
+    for split, counts, source in (("train", TRAIN_COUNTS, "train"), ("val", VAL_COUNTS, "val")):
+        images, labels = load_fashion_mnist(source)
+        for cls, n in enumerate(counts):
+            folder = root / split / f"class{cls}"
+            folder.mkdir(parents=True)
+            for i in np.flatnonzero(labels == cls)[:n]:
+                im = Image.fromarray(images[i]).resize((64, 64), Image.BICUBIC).convert("RGB")
+                im.save(folder / f"{i:05d}.jpg", quality=90)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """The tree converted by `convert_dataset` (FFCV + DALI), in a child process with a time limit so
+    that a converter that hangs fails this module instead of freezing it."""
+    root = tmp_path_factory.mktemp("loaders")
+    write_tree(root / "src")
+    code = textwrap.dedent(f"""
+        from fastrefine.convert import convert_dataset
+        convert_dataset(src={str(root / 'src')!r}, out={str(root / 'conv')!r}, layout="folder",
+                        formats=("ffcv", "dali"), max_side=64, quality=90, workers=2, shard_size=40,
+                        progress=False)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("convert_dataset did not finish within 180 s on 145 images")
+    if done.returncode != 0:
+        pytest.fail(f"convert_dataset failed:\n{done.stderr[-3000:]}")
+    return root / "conv"
+
+
+def loader(data: Path, backend: str, **kw):
+    opts = dict(split="val", batch_size=8, resolution=RES, device=CPU, workers=2)
+    return build(data=data, backend=backend, **{**opts, **kw})
+
+
+def epoch(ld) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*[(x.float().clone(), y.clone()) for x, y in ld])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fingerprints(images: torch.Tensor) -> list[tuple]:
+    """Per-image identity that survives reordering: rounded sums over the four quadrants."""
+    h = images.shape[-1] // 2
+    quads = [images[..., :h, :h], images[..., :h, h:], images[..., h:, :h], images[..., h:, h:]]
+    sums = torch.stack([q.double().sum((1, 2, 3)) for q in quads], 1)
+    return sorted(tuple(round(v, 2) for v in row) for row in sums.tolist())
+
+
+@pytest.fixture(scope="module")
+def val_epochs(data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One full val epoch per backend (plus FFCV normalising in torch instead of its own pipeline)."""
+    out = {b: epoch(loader(data, b)) for b in BACKENDS}
+    out["ffcv-torch"] = epoch(_ffcv_torch(data))
+    return out
+
+
+def _ffcv_torch(data: Path):
+    from fastrefine.loaders.base import LoaderOptions
+    from fastrefine.loaders.ffcv import FfcvLoader
+    opts = LoaderOptions(split="val", batch_size=8, resolution=RES, device=CPU, workers=2)
+    return FfcvLoader(data, opts, normalize_in="torch")
+
+
+# -- the contract every backend keeps --------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_epoch_shapes_dtype_layout_and_label_frequencies(data, backend):
+    ld = loader(data, backend, split="train", batch_size=16, dtype=torch.bfloat16, seed=3)
+    assert ld.backend == backend and ld.normalize_on in ("device", "host")
+    assert len(ld) == 7 and ld.num_samples == 112
+    labels = []
+    for x, y in ld:
+        assert x.shape == (16, 3, RES, RES) and x.dtype == torch.bfloat16 and x.device == CPU
+        assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        assert y.dtype == torch.int64 and y.shape == (16,)
+        assert -3.0 < float(x.float().min()) and float(x.float().max()) < 3.0  # normalised, not 0..255
+        labels.append(y)
+    counts = collections.Counter(torch.cat(labels).tolist())
+    assert [counts[c] for c in range(4)] == list(TRAIN_COUNTS)
+    assert read_manifest(data).split("train")["label_counts"] == list(TRAIN_COUNTS)
+
+
+def test_val_label_multiset_is_the_same_on_every_backend(val_epochs):
+    for name, (images, labels) in val_epochs.items():
+        assert images.shape == (sum(VAL_COUNTS), 3, RES, RES), name
+        counts = collections.Counter(labels.tolist())
+        assert [counts[c] for c in range(4)] == list(VAL_COUNTS), name
+
+
+def test_val_pixel_statistics_agree_across_backends(val_epochs):
+    """Decoders differ: torch reads the source JPEGs with PIL (antialiased bilinear resize to 37 px,
+    crop 32: a 55.4 px window of the 64 px image), DALI the re-encoded copies (antialiased linear,
+    same geometry), FFCV crops int(0.875 * 64) = 56 px and resizes with OpenCV INTER_AREA. Measured
+    against torch, in normalised units: DALI +0.003 mean, FFCV -0.023 mean (about 1.3 grey levels),
+    std within 0.4%. Tolerance: 0.05 on the mean (3 grey levels), 2% on the std. A 0..1 vs 0..255 mix-up,
+    a missing or swapped mean/std (0.3 apart per channel) moves them far more."""
+    ref_images, _ = val_epochs["torch"]
+    for name, (images, _) in val_epochs.items():
+        for c in range(3):
+            ref, got = ref_images[:, c], images[:, c]
+            assert abs(float(got.mean() - ref.mean())) < 0.05, (name, c)
+            assert abs(float(got.std() / ref.std()) - 1) < 0.02, (name, c)
+    ffcv, in_torch = val_epochs["ffcv"][0], val_epochs["ffcv-torch"][0]
+    assert float((ffcv - in_torch).abs().max()) < 1e-4  # same pixels, normalised in FFCV or in torch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_cover_val_exactly_once(data, val_epochs, backend):
+    parts = [loader(data, backend, rank=r, world_size=2, batch_size=8) for r in (0, 1)]
+    assert sorted(p.num_samples for p in parts) == [16, 17]
+    assert [len(p) for p in parts] == [-(-p.num_samples // 8) for p in parts]
+    images = torch.cat([epoch(p)[0] for p in parts])
+    assert images.shape[0] == sum(VAL_COUNTS)
+    assert fingerprints(images) == fingerprints(val_epochs[backend][0])
+
+
+# -- epochs and progressive resizing (the two fast backends) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def train_loaders(data):
+    """DALI on one rank; FFCV as rank 0 of 2, which also runs FFCV with RankStrideOrder end to end."""
+    return {"dali": loader(data, "dali", split="train", batch_size=16, seed=7),
+            "ffcv": loader(data, "ffcv", split="train", batch_size=16, seed=7, rank=0, world_size=2)}
+
+
+def _train_labels(ld, epoch_: int) -> list[int]:
+    ld.set_epoch(epoch_)
+    return torch.cat([y for _, y in ld]).tolist()
+
+
+@pytest.mark.parametrize("backend", ("dali", "ffcv"))
+def test_set_epoch_reshuffles_deterministically(train_loaders, backend):
+    ld = train_loaders[backend]
+    first, second, again = _train_labels(ld, 0), _train_labels(ld, 1), _train_labels(ld, 0)
+    assert first == again
+    assert first != second
+    assert len(first) == len(second) == len(ld) * 16 == {1: 112, 2: 48}[ld.opts.world_size]
+    if ld.opts.world_size == 1:
+        assert sorted(first) == sorted(second)  # drop_last drops nothing here: 112 = 7 x 16
+
+
+@pytest.mark.parametrize("backend", ("dali", "ffcv"))
+def test_set_resolution_changes_the_output_size(train_loaders, backend):
+    ld = train_loaders[backend]
+    ld.set_resolution(48)
+    x, y = next(iter(ld))
+    assert x.shape == (16, 3, 48, 48) and x.is_contiguous(memory_format=torch.channels_last)
+    ld.set_resolution(RES)
+    x, _ = next(iter(ld))
+    assert x.shape == (16, 3, RES, RES)
+
+
+def test_dali_train_ranks_run_equal_full_batches(data):
+    parts = [loader(data, "dali", split="train", rank=r, world_size=3, batch_size=8, seed=1) for r in range(3)]
+    assert [len(p) for p in parts] == [112 // 3 // 8] * 3  # shards of 37/37/38 -> 4 full batches each
+    assert [sum(len(y) for _, y in p) for p in parts] == [32] * 3
+
+
+def test_ffcv_train_rank_order_is_disjoint_equal_and_reshuffled():
+    from fastrefine.loaders.ffcv import RankStrideOrder
+    indices = np.arange(112, dtype="uint64")
+    orders = {e: [RankStrideOrder(seed=5, rank=r, world_size=3).sample_order(indices, e) for r in range(3)]
+              for e in (0, 1)}
+    for parts in orders.values():
+        assert [len(p) for p in parts] == [37] * 3
+        assert len(set(np.concatenate(parts).tolist())) == 111  # no sample on two ranks
+    assert not np.array_equal(orders[0][0], orders[1][0])
+    again = RankStrideOrder(seed=5, rank=0, world_size=3).sample_order(indices, 0)
+    assert np.array_equal(orders[0][0], again)
+
+
+# -- DALI specifics ------------------------------------------------------------------------------
+
+def test_dali_reads_a_plain_imagefolder_tree(data):
+    tree = data.parent / "src"
+    images, labels = epoch(loader(tree, "dali"))
+    assert images.shape == (sum(VAL_COUNTS), 3, RES, RES)
+    counts = collections.Counter(labels.tolist())
+    assert [counts[c] for c in range(4)] == list(VAL_COUNTS)
+
+
+def test_ascii_label_bytes_decode_to_int64():
+    from fastrefine.loaders.dali import ascii_labels
+    raw = torch.tensor([[55, 0, 0, 0], [49, 50, 0, 0], [57, 57, 57, 10], [48, 0, 0, 0]], dtype=torch.uint8)
+    assert ascii_labels(raw).tolist() == [7, 12, 999, 0]
+
+
+def test_dali_refuses_a_folder_without_data(tmp_path):
+    (tmp_path / "val").mkdir()
+    with pytest.raises(UsageError, match="ImageFolder"):
+        loader(tmp_path, "dali")
+
+
+def test_ffcv_refuses_host_normalisation_on_cuda(data):
+    from fastrefine.loaders.base import LoaderOptions
+    from fastrefine.loaders.ffcv import FfcvLoader
+    opts = LoaderOptions(split="val", batch_size=8, resolution=RES, device=torch.device("cuda"))
+    with pytest.raises(UsageError, match="cupy"):
+        FfcvLoader(data, opts, normalize_in="ffcv")
+
+
+# -- GPU (tools/gpu_check.sh) ------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("dali", "ffcv"))
+def test_gpu_val_epoch_matches_cpu(data, val_epochs, backend):
+    ld = loader(data, backend, device=torch.device("cuda"), dtype=torch.float16)
+    xs, ys = [], []
+    for x, y in ld:
+        assert x.is_cuda and y.is_cuda and x.dtype == torch.float16 and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        xs.append(x.float().cpu())
+        ys.append(y.cpu())
+    images, labels = torch.cat(xs), torch.cat(ys)
+    assert sorted(labels.tolist()) == sorted(val_epochs[backend][1].tolist())
+    # nvJPEG and libjpeg-turbo may round differently: compare epoch statistics, not pixels
+    ref = val_epochs[backend][0]
+    assert abs(float(images.mean() - ref.mean())) < 0.01
+
+
+@pytest.mark.gpu
+def test_gpu_dali_train_mixed_decode(data):
+    ld = loader(data, "dali", split="train", batch_size=16, device=torch.device("cuda"), dtype=torch.bfloat16)
+    x, y = next(iter(ld))
+    assert x.is_cuda and x.dtype == torch.bfloat16 and x.shape == (16, 3, RES, RES)
+    assert x.is_contiguous(memory_format=torch.channels_last) and y.is_cuda
