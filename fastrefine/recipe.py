@@ -71,7 +71,7 @@ class LoaderConfig:
     backend: Literal["auto", "torch", "dali", "ffcv"] = _f("auto")
     batch_size: int = _f(256, lo=1, doc="per process")
     val_batch_size: int = _f(0, lo=0, doc="0: same as batch_size")
-    workers: int = _f(-1, lo=-1, doc="-1: one per CPU core")
+    workers: int = _f(-1, lo=-1, doc="-1: all cores with a GPU; half of them on the CPU (the step needs the rest)")
     resolution: int = _f(224, lo=8, doc="train crop size (when progressive is not set)")
     val_resolution: int = _f(0, lo=0, doc="0: same as the final train resolution")
     val_crop_ratio: float = _f(0.875, lo=0.0, hi=1.0, lo_open=True)

@@ -110,3 +110,17 @@ def test_train_epoch_reports_and_stops_on_nan():
     with pytest.raises(RunError, match="loss became nan"):
         train_epoch(bad, step=step, optimizer=kw["optimizer"], lr_fn=lambda e: 0.05, epoch=0,
                     steps_per_epoch=2, log_every=1)
+
+
+def test_thread_budget_splits_cpu_cores(monkeypatch):
+    from fastrefine.rounds import thread_budget
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert thread_budget(workers=-1, device=cpu) == (4, 4)
+    assert thread_budget(workers=-1, device=cpu, local_world_size=2) == (2, 2)
+    assert thread_budget(workers=0, device=cpu) == (0, 8)
+    assert thread_budget(workers=8, device=cpu) == (8, 1)
+    assert thread_budget(workers=-1, device=gpu, local_world_size=4) == (2, None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert thread_budget(workers=-1, device=cpu) == (4, None)
