@@ -83,7 +83,7 @@ def build(*, data: str | Path, backend: str = "auto", **options) -> BatchLoader:
     if not data.exists():
         raise UsageError(f"data folder {data} does not exist")
     name, reason = resolve_backend(backend, device=opts.device, data=data)
-    log.info("loader backend %s for %s (%s)", name, opts.split, reason)
+    log.debug("loader backend %s for %s (%s)", name, opts.split, reason)
     if name == "torch":
         from .torch import TorchLoader
         return TorchLoader(data, opts)
