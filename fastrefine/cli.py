@@ -189,6 +189,30 @@ def _register_bench() -> None:
 _register_bench()
 
 
+# --------------------------------------------------------------------------------------------- inspect
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(checkpoint: Path = typer.Argument(..., help="A round's checkpoint (best.pt / last.pt)."),
+                image: Path = typer.Argument(..., help="An image; its parent folder names the ground truth when it is a class folder."),
+                crops: int = typer.Option(4, "--crops", min=1, max=16, help="Random resized crops to draw."),
+                out_png: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: IMAGE-inspect.png here)."),
+                data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder for class names (default: the run's)."),
+                seed: int = typer.Option(0, "--seed", help="Seed of the crop boxes."),
+                resolution: Optional[int] = typer.Option(None, "--resolution", min=8, help="Crop size fed to the model (default: the run's)."),
+                scale_lo: float = typer.Option(0.08, "--min-scale", min=0.01, max=1.0, help="Smallest crop area, as a fraction of the image.")):
+    """The refinery's top-5 on random crops of one image, beside the ground truth (the paper's Figure 1)."""
+    from .inspect import inspect_image, load_class_list
+    names = load_class_list(data) if data else None
+    res = inspect_image(checkpoint=checkpoint, image=image, crops=crops, out=out_png, class_names=names, seed=seed,
+                        resolution=resolution, scale=(scale_lo, 1.0))
+    out.print(f"ground truth: {res['ground_truth'] or 'unknown'} ({res['resolution']}px crops)", highlight=False)
+    for i, c in enumerate(res["crops"], 1):
+        top = ", ".join(f"{name} {p:.2f}" for name, p in c["top5"])
+        out.print(f"  crop {i} {c['box']}: {top}", highlight=False, markup=False)
+    out.print(f"wrote {res['out']}", highlight=False)
+
+
 def main() -> None:
     app()
 

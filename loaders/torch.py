@@ -41,7 +41,7 @@ def _resolve_folder(data: Path, split: str) -> tuple[Path, list[str] | None]:
     return folder, None
 
 
-def _sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (top, left, h, w): 10 tries at area/aspect, else the central crop."""
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -88,7 +88,7 @@ class _Folder(Dataset):
         o, r = self.opts, self.resolution
         if o.train:
             rng = random.Random(hash((o.seed, self.epoch, index)))
-            top, left, h, w = _sample_crop(rng, img.width, img.height, o.scale, o.ratio)
+            top, left, h, w = sample_crop(rng, img.width, img.height, o.scale, o.ratio)
             img = TF.resized_crop(img, top, left, h, w, [r, r], antialias=True)
             if rng.random() < 0.5:
                 img = TF.hflip(img)
