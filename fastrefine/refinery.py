@@ -9,6 +9,7 @@ They have the same gradient with respect to the student; KL reads 0 when the stu
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -134,16 +135,34 @@ class AdversarialJitter:
         n = int(round(self.fraction * x.shape[0]))
         if n == 0:
             return x
-        if self._bounds is None or self._bounds[0].device != x.device or self._bounds[0].dtype != x.dtype:
-            self._bounds = pixel_bounds(self.mean, self.std, x.device, x.dtype)
+        if self._bounds is None or self._bounds[0].device != x.device:
+            self._bounds = pixel_bounds(self.mean, self.std, x.device)
         low, high, unit = self._bounds
-        xa = x[:n].detach().clone().requires_grad_(True)
-        with self.autocast():
+        # fp32 even when the loader hands over bf16/fp16: a one-pixel step is below bf16's spacing
+        xa = x[:n].detach().float().requires_grad_(True)
+        with self.autocast(), frozen_bn_statistics(self.student):
             target = self.refinery(xa.detach())
             div = kl_batchmean(self.student(xa), target)
         (grad,) = torch.autograd.grad(div, xa)
         jittered = torch.max(torch.min(xa.detach() + self.epsilon * unit * grad.sign(), high), low)
-        return torch.cat([jittered, x[n:]]).contiguous(memory_format=torch.channels_last)
+        return torch.cat([jittered.to(x.dtype), x[n:]]).contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model: nn.Module):
+    """BN layers keep normalising with batch statistics (train mode) but leave their running
+    statistics and counters as they were: the jitter's extra forward must not count as a step."""
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def no_jitter(x: torch.Tensor) -> torch.Tensor:
