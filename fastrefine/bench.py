@@ -655,7 +655,12 @@ def _recipe_loader(recipe, *, device: torch.device, dtype: torch.dtype):
     lc = recipe.loader
     backend, _ = resolve_backend(lc.backend, device=device, data=Path(recipe.data.path))
     res = lc.progressive.start if lc.progressive else lc.resolution
-    workers = (os.cpu_count() or 1) if lc.workers < 0 else lc.workers
+    # the same split of cores between loader and step as `fastrefine run` (rounds.thread_budget)
+    from .rounds import thread_budget
+    workers, threads = thread_budget(workers=lc.workers, device=device,
+                                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads is not None:
+        torch.set_num_threads(threads)
     return build(data=recipe.data.path, backend=backend, split="train", batch_size=lc.batch_size,
                  resolution=res, device=device, dtype=dtype, workers=workers, seed=recipe.run.seed,
                  scale=lc.scale, ratio=lc.ratio, val_crop_ratio=lc.val_crop_ratio,
