@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from fastrefine.errors import UsageError
 from fastrefine.models import create_model, list_models, min_input_size, model_info

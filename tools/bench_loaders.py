@@ -11,7 +11,6 @@ converts it with `convert_dataset` (max side 256), then times each backend's tra
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import tarfile
 import time

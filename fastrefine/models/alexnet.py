@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .common import init_weights
 from torchvision.models import AlexNet
 
 MIN_INPUT_SIZE = 63
@@ -55,23 +57,10 @@ class AlexNetBN(nn.Module):
             *_linear_bn_relu(in_features=4096, out_features=4096, dropout=dropout),
             nn.Linear(4096, num_classes),
         )
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.01)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
 
 def alexnet(*, num_classes: int, dropout: float = 0.5) -> AlexNet:

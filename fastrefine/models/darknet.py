@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import init_weights
+
 # The paper's body: an int is a conv's output channels ("3x3" unless marked), "M" a 2x2/2 max-pool.
 # 1x1 convs squeeze between the 3x3 ones from the third stage on.
 _BODY: tuple[tuple[int, int] | str, ...] = (
@@ -52,21 +54,10 @@ class Darknet19(nn.Module):
         self.features, channels = _body(in_channels=3)
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        _init_weights(self)
+        init_weights(self, leaky_slope=0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.head(self.features(x))), 1)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", a=0.1, nonlinearity="leaky_relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 def darknet19(*, num_classes: int) -> Darknet19:

@@ -8,8 +8,9 @@ parameters. Total stride 32 with padded convs, so small inputs shrink to 1x1 ins
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from .common import PooledClassifier, init_weights
 
 # (output channels at width 1.0, stride) of each depthwise-separable block, in the paper's Table 1.
 _BLOCKS: tuple[tuple[int, int], ...] = (
@@ -49,7 +50,7 @@ def _separable(*, in_channels: int, out_channels: int, stride: int) -> nn.Sequen
     )
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(PooledClassifier):
     def __init__(self, *, num_classes: int, width: float) -> None:
         super().__init__()
         channels = _scaled(_STEM_CHANNELS, width=width)
@@ -61,22 +62,7 @@ class MobileNetV1(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.01)
-            nn.init.zeros_(module.bias)
+        init_weights(self)
 
 
 def mobilenet_v1(*, num_classes: int, width: float = 1.0) -> MobileNetV1:

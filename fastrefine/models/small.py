@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import PooledClassifier, init_weights
+
 TINY_CNN_MIN_INPUT_SIZE = 8
 SMALL_RESNET_MIN_INPUT_SIZE = 1
 
@@ -27,7 +29,7 @@ def _conv_bn(*, in_channels: int, out_channels: int, kernel_size: int = 3, strid
     ]
 
 
-class TinyCNN(nn.Module):
+class TinyCNN(PooledClassifier):
     def __init__(self, *, num_classes: int, width: int) -> None:
         super().__init__()
         widths = [width, 2 * width, 4 * width, 8 * width]
@@ -41,10 +43,7 @@ class TinyCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+        init_weights(self)
 
 
 class BasicBlock(nn.Module):
@@ -68,7 +67,7 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-class SmallResNet(nn.Module):
+class SmallResNet(PooledClassifier):
     def __init__(self, *, num_classes: int, width: int, blocks: tuple[int, ...]) -> None:
         super().__init__()
         layers: list[nn.Module] = [*_conv_bn(in_channels=3, out_channels=width, stride=2), nn.ReLU(inplace=True)]
@@ -82,22 +81,7 @@ class SmallResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.01)
-            nn.init.zeros_(module.bias)
+        init_weights(self)
 
 
 def tiny_cnn(*, num_classes: int, width: int = 16) -> TinyCNN:
