@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Per-part breakdown of the refinery overhead on the CPU: student step, step with refinery, refinery
 forward with fp32 or bf16 weights, student forward (small_resnet pair, 64 px, batch 32, bf16)."""
-import time, torch, copy
+import time
+
+import torch
+
 from fastrefine.models import create_model
 from fastrefine.engine import resolve_precision, make_optimizer, build_step
 from fastrefine.refinery import make_loss, NoRefinery, Refinery, no_jitter
