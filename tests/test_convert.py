@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import shutil
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from fastrefine.convert import convert_dataset
+from fastrefine.demo import load_fashion_mnist
 from fastrefine.errors import UsageError
 from fastrefine.manifest import read_manifest
 
@@ -37,18 +37,9 @@ BAD_FILES = {"truncated.JPEG": "truncated", "empty.JPEG": "empty", "fake.JPEG": 
 
 # ----------------------------------------------------------------------------------------- helpers
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 @pytest.fixture(scope="module")
 def fmnist() -> dict[int, np.ndarray]:
-    images = _read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")
-    labels = _read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
+    images, labels = load_fashion_mnist("val", FMNIST)
     return {k: images[labels == k][:40] for k in set(FMNIST_LABEL.values())}
 
 

@@ -14,7 +14,6 @@ and prints a table plus JSON (`--json PATH`).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -24,25 +23,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
+
+from fastrefine.demo import load_fashion_mnist
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
 
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def make_folder(*, root: Path, n: int, size: tuple[int, int]) -> Path:
     """root/train/<class>/*.JPEG and a small root/val, from the first n Fashion-MNIST training images."""
-    images = read_idx(FMNIST / "train-images-idx3-ubyte.gz")[:n]
-    labels = read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:n]
+    images, labels = load_fashion_mnist("train", FMNIST)
+    images, labels = images[:n], labels[:n]
     for split, idx in (("train", range(n)), ("val", range(min(50, n)))):
         for name in CLASSES:
             (root / split / name).mkdir(parents=True, exist_ok=True)
