@@ -92,7 +92,7 @@ def export_fashion_mnist(out: str | Path, *, size: int = 64, quality: int = 90,
     for split in ("train", "val"):
         images, labels = load_fashion_mnist(split, source)
         idx = select(labels, limit_per_class)
-        marker = out / split / ".fastrefine-demo.json"
+        marker = out / f".fastrefine-demo-{split}.json"  # beside, not inside, the split: no stray file in it
         done = json.loads(marker.read_text()) if marker.is_file() else None
         if done == {**settings, "count": len(idx)}:
             counts[split] = len(idx)
