@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+                           TimeRemainingColumn)
 from rich.text import Text
 
 
@@ -17,11 +17,11 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("      ?" if speed is None else f"{speed:7.0f} {self.unit}", style="progress.data.speed")
+        return Text("?" if speed is None else f"{speed:.0f} {self.unit}", style="progress.data.speed")
 
 
 def progress_bar(*, disable: bool = False, unit: str = "img/s", console: Console | None = None) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), RateColumn(unit),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    TextColumn("{task.fields[info]}"),
+    # compact enough for an 80-column terminal: what, how far, how fast, how long to go, and a note
+    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(),
+                    RateColumn(unit), TimeRemainingColumn(compact=True), TextColumn("{task.fields[info]}"),
                     disable=disable, console=console)

@@ -257,8 +257,8 @@ def run_round(ctx: Context, index: int) -> dict:
             res = _train_resolution(r, epoch)
             train_loader.set_epoch(epoch)
             train_loader.set_resolution(res)
-            task = bar.add_task(f"{rd.name} epoch {epoch + 1}/{rd.epochs}", total=steps_per_epoch * train_loader.batch_size,
-                                info=f"{res}px")
+            task = bar.add_task(f"{rd.name} {epoch + 1}/{rd.epochs} {res}px",
+                                total=steps_per_epoch * train_loader.batch_size, info="")
 
             def on_step(n: int, task=task) -> None:
                 bar.advance(task, n)
@@ -295,7 +295,7 @@ def run_round(ctx: Context, index: int) -> dict:
                                   "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": global_step,
                                   "best_top1": best, "rng": ckpt.rng_state(), "meta": meta}, last)
             ctx.dist.barrier()
-            bar.update(task, info=f"{res}px loss {result.loss:.3f} train {100 * result.top1:.1f}%"
+            bar.update(task, info=f"loss {result.loss:.3f} train {100 * result.top1:.0f}%"
                        + (f" val {100 * record['val_top1']:.1f}%" if "val_top1" in record else ""))
 
     if last_eval is None:  # resumed after the final epoch: evaluate the finished weights for the summary
