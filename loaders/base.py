@@ -77,15 +77,9 @@ class BatchLoader(Protocol):
     def set_resolution(self, resolution: int) -> None: ...
 
 
-def shard_indices(n: int, *, rank: int, world_size: int, drop_last: bool, batch_size: int) -> range:
-    """Contiguous-stride shard used for val: rank r gets r, r+W, r+2W, ... so ranks cover [0, n) once."""
-    del drop_last, batch_size
+def shard_indices(n: int, *, rank: int, world_size: int) -> range:
+    """The stride shard used for val: rank r gets r, r+W, r+2W, ... so the ranks cover [0, n) once."""
     return range(rank, n, world_size)
-
-
-def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(uint8 or float in 0..255) NCHW -> normalised float, in place where possible."""
-    return x.sub_(mean).div_(std)
 
 
 def mean_std_tensors(opts: LoaderOptions) -> tuple[torch.Tensor, torch.Tensor]:

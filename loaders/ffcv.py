@@ -144,8 +144,7 @@ class FfcvLoader:
         o = self.opts
         if not o.do_shuffle:
             indices = None if o.world_size == 1 else np.array(
-                shard_indices(n, rank=o.rank, world_size=o.world_size,
-                              drop_last=o.do_drop_last, batch_size=o.batch_size))
+                shard_indices(n, rank=o.rank, world_size=o.world_size))
             return OrderOption.SEQUENTIAL, indices
         if o.world_size == 1:
             return (OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM), None

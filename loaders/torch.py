@@ -114,8 +114,7 @@ class TorchLoader:
     def _indices(self) -> list[int]:
         o, n = self.opts, len(self.dataset)
         if not o.do_shuffle and not o.do_drop_last:
-            return list(shard_indices(n, rank=o.rank, world_size=o.world_size, drop_last=False,
-                                      batch_size=o.batch_size))
+            return list(shard_indices(n, rank=o.rank, world_size=o.world_size))
         order = list(range(n))
         if o.do_shuffle:
             # ints only in the seed tuple: str hashes vary between processes
