@@ -424,3 +424,11 @@ def test_ffcv_worker_failure_is_an_error_not_a_hang(tmp_path, fmnist):
     assert done.returncode == 3, done.stdout + done.stderr
     assert "RUNERROR" in done.stdout and "x.beton" in done.stdout
     assert not (tmp_path / "x.beton").exists() and not (tmp_path / "x.beton.partial").exists()
+
+
+def test_folder_layout_takes_names_from_synset_mapping(tmp_path, demo_tree):
+    """The demo export is an ImageFolder tree with LOC_synset_mapping.txt: names come from it."""
+    from fastrefine.demo import CLASS_NAMES
+    manifest = convert_dataset(src=demo_tree, out=tmp_path / "out", layout="folder", formats=("dali",),
+                               splits=("val",), progress=False)
+    assert [c["name"] for c in manifest["classes"]] == CLASS_NAMES

@@ -84,7 +84,7 @@ def scan_source(*, src: Path, layout: str, splits: tuple[str, ...],
     class_names, _ = _class_folders(split_dir=train_dir, src=src)
     if not class_names:
         raise UsageError(f"{train_dir}: no class folders")
-    classes = _class_entries(src=src, wnids=class_names, layout=layout)
+    classes = _class_entries(src=src, wnids=class_names)
     by_wnid = {c.wnid: c.index for c in classes}
     scans = {}
     for split in splits:
@@ -126,8 +126,9 @@ def _class_folders(*, split_dir: Path, src: Path) -> tuple[list[str], list[Skip]
     return names, skipped
 
 
-def _class_entries(*, src: Path, wnids: list[str], layout: str) -> list[ClassEntry]:
-    described = _read_synset_names(src) if layout == "imagenet" else {}
+def _class_entries(*, src: Path, wnids: list[str]) -> list[ClassEntry]:
+    # any layout: an ImageFolder tree may carry the ImageNet-style names file too (the demo export does)
+    described = _read_synset_names(src)
     entries = []
     for index, wnid in enumerate(sorted(wnids)):
         text = described.get(wnid, "")
