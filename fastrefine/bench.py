@@ -651,20 +651,11 @@ def _num_classes(recipe) -> int:
 
 
 def _recipe_loader(recipe, *, device: torch.device, dtype: torch.dtype):
-    from .loaders import build, resolve_backend
-    lc = recipe.loader
-    backend, _ = resolve_backend(lc.backend, device=device, data=Path(recipe.data.path))
-    res = lc.progressive.start if lc.progressive else lc.resolution
-    # the same split of cores between loader and step as `fastrefine run` (rounds.thread_budget)
-    from .rounds import thread_budget
-    workers, threads = thread_budget(workers=lc.workers, device=device,
-                                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return build(data=recipe.data.path, backend=backend, split="train", batch_size=lc.batch_size,
-                 resolution=res, device=device, dtype=dtype, workers=workers, seed=recipe.run.seed,
-                 scale=lc.scale, ratio=lc.ratio, val_crop_ratio=lc.val_crop_ratio,
-                 channels_last=recipe.run.channels_last)
+    """The recipe's train loader exactly as `fastrefine run` builds it for its first epoch."""
+    from .rounds import make_loaders, train_resolution
+    train, _, _, _ = make_loaders(recipe, device=device, dtype=dtype, seed=recipe.run.seed,
+                                  train_res=train_resolution(recipe, 0), with_val=False)
+    return train
 
 
 def timed_loop(*, it: Iterator, step: Callable, steps: int, sync: Callable[[], None]) -> dict:

@@ -127,26 +127,29 @@ def load_model_from_checkpoint(path: Path, *, device: torch.device, num_classes:
     return model.to(device, memory_format=torch.channels_last), meta
 
 
-def _make_loaders(ctx: Context, *, seed: int, train_res: int):
+def make_loaders(recipe: Recipe, *, device: torch.device, dtype: torch.dtype, seed: int, train_res: int,
+                 rank: int = 0, world_size: int = 1, with_val: bool = True):
+    """(train, val or None, backend, why): the recipe's loaders, with the CPU cores split between the
+    loader and the step (thread_budget). `fastrefine run` and `fastrefine bench train` both use it."""
     from .loaders import build, resolve_backend
-    r = ctx.recipe
-    lc = r.loader
-    backend, reason = resolve_backend(lc.backend, device=ctx.device, data=Path(r.data.path))
-    workers, threads = thread_budget(workers=lc.workers, device=ctx.device,
+    lc = recipe.loader
+    backend, reason = resolve_backend(lc.backend, device=device, data=Path(recipe.data.path))
+    workers, threads = thread_budget(workers=lc.workers, device=device,
                                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if threads is not None:
         torch.set_num_threads(threads)
-    common = dict(data=r.data.path, backend=backend, device=ctx.device, dtype=ctx.precision.input_dtype,
-                  rank=ctx.dist.rank, world_size=ctx.dist.world_size, seed=seed, workers=workers,
-                  scale=lc.scale, ratio=lc.ratio, val_crop_ratio=lc.val_crop_ratio,
-                  channels_last=r.run.channels_last)
+    common = dict(data=recipe.data.path, backend=backend, device=device, dtype=dtype, rank=rank,
+                  world_size=world_size, seed=seed, workers=workers, scale=lc.scale, ratio=lc.ratio,
+                  val_crop_ratio=lc.val_crop_ratio, channels_last=recipe.run.channels_last)
     train = build(split="train", batch_size=lc.batch_size, resolution=train_res, **common)
-    val_res = lc.val_resolution or (lc.progressive.end if lc.progressive else lc.resolution)
-    val = build(split="val", batch_size=lc.val_batch_size or lc.batch_size, resolution=val_res, **common)
+    val = None
+    if with_val:
+        val_res = lc.val_resolution or (lc.progressive.end if lc.progressive else lc.resolution)
+        val = build(split="val", batch_size=lc.val_batch_size or lc.batch_size, resolution=val_res, **common)
     return train, val, backend, reason
 
 
-def _train_resolution(recipe: Recipe, epoch: int) -> int:
+def train_resolution(recipe: Recipe, epoch: int) -> int:
     p = recipe.loader.progressive
     if p is None:
         return recipe.loader.resolution
@@ -196,7 +199,9 @@ def run_round(ctx: Context, index: int) -> dict:
         ckpt.set_rng_state(state["rng"])
         log.info("round %s: resuming after epoch %d from %s", rd.name, start_epoch, last)
 
-    train_loader, val_loader, backend, reason = _make_loaders(ctx, seed=seed, train_res=_train_resolution(r, start_epoch))
+    train_loader, val_loader, backend, reason = make_loaders(
+        r, device=ctx.device, dtype=ctx.precision.input_dtype, seed=seed, rank=ctx.dist.rank,
+        world_size=ctx.dist.world_size, train_res=train_resolution(r, start_epoch))
     raw_student = student
     if r.run.compile:
         student = torch.compile(student)
@@ -254,7 +259,7 @@ def run_round(ctx: Context, index: int) -> dict:
     from .progress import progress_bar
     with progress_bar(disable=not (main and r.run.progress), console=ctx.console) as bar:
         for epoch in range(start_epoch, rd.epochs):
-            res = _train_resolution(r, epoch)
+            res = train_resolution(r, epoch)
             train_loader.set_epoch(epoch)
             train_loader.set_resolution(res)
             task = bar.add_task(f"{rd.name} {epoch + 1}/{rd.epochs} {res}px",
