@@ -15,6 +15,11 @@ from fastrefine.recipe import load_recipe
 from fastrefine.rounds import SimulatedStop, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+ONE_ROUND = """
+[[rounds]]
+name = "r0"
+epochs = 1
+"""
 
 
 def make_recipe(tmp_path: Path, data: Path, *, name="t", extra="", rounds=None) -> Path:
@@ -108,12 +113,7 @@ epochs = 3
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tree):
-    rounds = """
-[[rounds]]
-name = "r0"
-epochs = 1
-"""
-    p = make_recipe(tmp_path, demo_tree, name="nan", rounds=rounds)
+    p = make_recipe(tmp_path, demo_tree, name="nan", rounds=ONE_ROUND)
     run_recipe(load_recipe(p))
     good = ckpt.load(tmp_path / "runs/nan/r0/last.pt")
     (tmp_path / "runs/nan/r0/done.json").unlink()  # ask for one more epoch of the same round
@@ -126,12 +126,7 @@ epochs = 1
 
 
 def test_restart_keeps_the_old_folder(tmp_path, demo_tree):
-    rounds = """
-[[rounds]]
-name = "r0"
-epochs = 1
-"""
-    p = make_recipe(tmp_path, demo_tree, name="again", rounds=rounds, extra="[run]\n" if False else "")
+    p = make_recipe(tmp_path, demo_tree, name="again", rounds=ONE_ROUND)
     r = load_recipe(p, ["run.max_steps_per_epoch=2", "run.max_val_batches=1"])
     run_recipe(r)
     run_recipe(r, restart=True)
@@ -198,12 +193,7 @@ def test_compiled_student_and_refinery(tmp_path, demo_tree):
 
 
 def test_compare_runs_tool(tmp_path, demo_tree):
-    rounds = """
-[[rounds]]
-name = "r0"
-epochs = 1
-"""
-    p = make_recipe(tmp_path, demo_tree, name="cmp", rounds=rounds)
+    p = make_recipe(tmp_path, demo_tree, name="cmp", rounds=ONE_ROUND)
     run_recipe(load_recipe(p, ["run.max_steps_per_epoch=2", "run.max_val_batches=1"]))
     res = subprocess.run([sys.executable, str(ROOT / "tools/compare_runs.py"), str(tmp_path / "runs/cmp"),
                           "--markdown", "--plot", str(tmp_path / "cmp.png")], capture_output=True, text=True)
