@@ -59,17 +59,6 @@ def make_tree(root: Path, *, images: int, classes: int = 10) -> None:
                 im.save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def torchvision_loader(root: Path, *, batch: int, res: int, workers: int):
-    """The baseline everyone starts from: ImageFolder + PIL + DataLoader, normalised on the host."""
-    from torchvision import datasets, transforms
-    tf = transforms.Compose([transforms.RandomResizedCrop(res), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    ds = datasets.ImageFolder(str(root / "train"), tf)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                       drop_last=True, persistent_workers=True)
-
-
 class DecodeOnly:
     """The ceiling: decode every converted JPEG (libjpeg-turbo via OpenCV, GIL released) on `workers`
     threads, no crop, no resize, no normalisation. Yields the number of images decoded per batch."""
@@ -120,6 +109,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
+    from fastrefine.bench import baseline_loader
     from fastrefine.loaders import build
     from fastrefine.loaders.base import LoaderOptions
     from fastrefine.manifest import read_manifest
@@ -136,7 +126,8 @@ def main() -> None:
     results = {}
     for name in args.only:
         if name == "torchvision":
-            ld = torchvision_loader(src, batch=args.batch, res=args.res, workers=args.workers)
+            ld = baseline_loader(folder=src / "train", resolution=args.res, batch_size=args.batch,
+                                 workers=args.workers, device=torch.device("cpu"))
             row = dict(out="float32", normalize="host (DataLoader workers)", data="original 500x375")
         elif name == "decode":
             shards, _ = read_manifest(conv).dali_shards("train")
