@@ -42,15 +42,6 @@ class ClassList:
 
 # ------------------------------------------------------------------------------------- class names
 
-def _read_synset_mapping(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        parts = line.strip().split(maxsplit=1)
-        if parts:
-            out[parts[0]] = parts[1] if len(parts) > 1 else parts[0]
-    return out
-
-
 def load_class_list(data: Path) -> ClassList:
     """The class order a run on `data` used, with readable names where the dataset has them.
 
@@ -64,8 +55,8 @@ def load_class_list(data: Path) -> ClassList:
         return ClassList([c.wnid for c in classes], [c.name for c in classes])
     train = data / "train"
     folders = sorted(d.name for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
-    mapping = data / "LOC_synset_mapping.txt"
-    names = _read_synset_mapping(mapping) if mapping.is_file() else {}
+    from .convert.scan import read_synset_names
+    names = read_synset_names(data)
     if not folders and names:
         folders = list(names)
     if not folders:

@@ -128,7 +128,7 @@ def _class_folders(*, split_dir: Path, src: Path) -> tuple[list[str], list[Skip]
 
 def _class_entries(*, src: Path, wnids: list[str]) -> list[ClassEntry]:
     # any layout: an ImageFolder tree may carry the ImageNet-style names file too (the demo export does)
-    described = _read_synset_names(src)
+    described = read_synset_names(src)
     entries = []
     for index, wnid in enumerate(sorted(wnids)):
         text = described.get(wnid, "")
@@ -137,7 +137,8 @@ def _class_entries(*, src: Path, wnids: list[str]) -> list[ClassEntry]:
     return entries
 
 
-def _read_synset_names(src: Path) -> dict[str, str]:
+def read_synset_names(src: Path) -> dict[str, str]:
+    """{wnid: 'name, name2'} from SRC/LOC_synset_mapping.txt ({} when absent); a malformed line is an error."""
     path = src / SYNSET_FILE
     if not path.is_file():
         return {}
