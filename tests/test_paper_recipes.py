@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,12 +86,13 @@ def smoke_out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def resnet50_refinery(demo_tree, smoke_out) -> Path:
+def resnet50_refinery(demo_tree, smoke_out) -> Iterator[Path]:
     """The resnet50 smoke run; its round 'labels' stands in for the ImageNet ResNet-50 refinery."""
     rows = _smoke("resnet50", demo_tree, smoke_out)
     assert [r["round"] for r in rows] == ["labels", "refined"]
     assert rows[1]["refinery"].startswith("labels")
-    return smoke_out / "resnet50" / "labels" / "last.pt"
+    yield smoke_out / "resnet50" / "labels" / "last.pt"
+    shutil.rmtree(smoke_out / "resnet50", ignore_errors=True)
 
 
 def test_resnet50_smoke(resnet50_refinery):
@@ -98,7 +101,10 @@ def test_resnet50_smoke(resnet50_refinery):
 
 @pytest.mark.parametrize("name", [n for n in ALL if n != "resnet50"])
 def test_recipe_smoke(name, demo_tree, smoke_out, resnet50_refinery):
-    rows = _smoke(name, demo_tree, smoke_out, resnet50_refinery)
+    try:
+        rows = _smoke(name, demo_tree, smoke_out, resnet50_refinery)
+    finally:  # checkpoints of ImageNet-size models: hundreds of MB each, not kept once checked
+        shutil.rmtree(smoke_out / name, ignore_errors=True)
     recipe = load_recipe(_path(name))
     expected = [r.name for r in recipe.rounds][:SMOKE_ROUNDS.get(name, len(recipe.rounds))]
     if name in ONLY:
