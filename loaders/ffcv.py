@@ -4,16 +4,20 @@ Image pipeline: RandomResizedCropRGBImageDecoder + RandomHorizontalFlip (train) 
 CenterCropRGBImageDecoder (val) -> [NormalizeImage] -> ToTensor -> ToDevice -> ToTorchImage(channels_last).
 
 Where normalisation runs (`normalize_in=`):
-- "ffcv" (CPU only): FFCV's NormalizeImage on the uint8 HWC numpy batch, inside FFCV's compiled
-  worker threads, *before* ToTensor. (After ToTensor the CPU kernel never finishes: FFCV 1.0.2's CPU
-  NormalizeImage is a numba kernel that only runs in the jit-compiled stage before ToTensor.) FFCV's
-  GPU NormalizeImage needs cupy, which this project does not ship, so "ffcv" is refused on CUDA.
+- "ffcv" (CPU only): `NormalizeCast`, this module's own FFCV operation, on the uint8 HWC numpy batch
+  inside FFCV's compiled worker threads, *before* ToTensor: (x - mean) / std computed in fp32 and
+  written straight in opts.dtype (fp32; bf16 rounded to nearest-even and written as its 16 bits;
+  fp16 by a lookup table), one pass, no later cast. (FFCV's own NormalizeImage does fp32/fp16 by a
+  table lookup and has no bf16; placed after ToTensor its CPU kernel never finishes.) FFCV's GPU
+  normalisation needs cupy, which this project does not ship, so "ffcv" is refused on CUDA.
 - "torch": uint8 crosses to the device (4x fewer bytes than fp32), then one torch expression casts to
   opts.dtype and normalises there.
-- default (None): "ffcv" on the CPU (measured 2.9x faster there: FFCV's lookup-table kernel runs in its
-  worker threads, torch's elementwise ops in the training thread; see docs/loaders.md), "torch" on CUDA.
-Either way every batch is copied out of FFCV's output buffers (which FFCV recycles `batches_ahead`
-batches later), so a caller may keep it.
+- default (None): "ffcv" on the CPU (its kernel runs in FFCV's worker threads, torch's elementwise ops
+  would run in the training thread; see docs/loaders.md), "torch" on CUDA.
+On the CPU no ToDevice runs (it would be a copy onto the same device). Images normalised in FFCV are
+FFCV's own output buffers, which it recycles `batches_ahead + 2` batches later: a batch stays valid
+while the next one is drawn, which is all a training loop needs; `copy=True` hands out copies that a
+caller may keep for ever. Labels are always copied (a few bytes).
 
 Order: RANDOM (default) or QUASI_RANDOM (`order=`; reads pages in a shuffled order, for datasets larger
 than RAM with `os_cache=False`), both deterministic from seed + epoch via FFCV's own traversal orders.
@@ -73,6 +77,79 @@ def _as_ffcv_order(order):
     return order
 
 
+_NORMALIZE_CAST = None
+
+
+def normalize_cast_op(mean: Sequence[float], std: Sequence[float], dtype: torch.dtype):
+    """An FFCV operation: uint8 HWC images -> (x - mean) / std in `dtype` (fp32, bf16 or fp16), in
+    FFCV's parallel compiled stage. `mean`/`std` are in pixel units (0..255)."""
+    global _NORMALIZE_CAST
+    if _NORMALIZE_CAST is None:
+        _NORMALIZE_CAST = _define_normalize_cast()
+    return _NORMALIZE_CAST(np.asarray(mean, np.float32), np.asarray(std, np.float32), dtype)
+
+
+def _define_normalize_cast():
+    from dataclasses import replace
+
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class NormalizeCast(Operation):
+        # the numpy dtype FFCV allocates and the torch dtype the loader views it as
+        STORAGE = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.int16}
+
+        def __init__(self, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype):
+            super().__init__()
+            if dtype not in self.STORAGE:
+                raise UsageError(f"FFCV loader: cannot normalise to {dtype} (fp32, bf16 or fp16)")
+            self.scale, self.shift = (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
+            self.torch_dtype, self.storage = dtype, np.dtype(self.STORAGE[dtype])
+            # fp16 (numba has no CPU half type): the 256 x 3 possible outputs, as their 16 bits
+            table = torch.from_numpy(np.arange(256, dtype=np.float32)[:, None] * self.scale + self.shift)
+            self.table = table.to(torch.float16).view(torch.int16).numpy().copy()
+
+        def generate_code(self):
+            prange, scale, shift, table = Compiler.get_iterator(), self.scale, self.shift, self.table
+            mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[self.torch_dtype]
+
+            def normalize_cast(images, dst):
+                height, row = images.shape[1], images.shape[2] * images.shape[3]
+                for i in prange(images.shape[0]):
+                    src, out = images[i].reshape(height, row), dst[i].reshape(height, row)
+                    sc, sh = np.empty(row, np.float32), np.empty(row, np.float32)
+                    for k in range(row):
+                        sc[k], sh[k] = scale[k % 3], shift[k % 3]
+                    tmp = np.empty(row, np.float32)
+                    bits = tmp.view(np.uint32)
+                    for y in range(height):
+                        if mode == 2:
+                            for k in range(row):
+                                out[y, k] = table[src[y, k], k % 3]
+                            continue
+                        for k in range(row):  # a straight loop: LLVM vectorises it
+                            tmp[k] = np.float32(src[y, k]) * sc[k] + sh[k]
+                        if mode == 0:
+                            out[y, :] = tmp
+                        else:  # fp32 -> bf16, round to nearest even: the top 16 bits after rounding
+                            for k in range(row):
+                                b = bits[k]
+                                out[y, k] = np.int16((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16)
+                return dst
+
+            normalize_cast.is_parallel = True
+            return normalize_cast
+
+        def declare_state_and_memory(self, previous_state):
+            if previous_state.dtype != np.uint8 or len(previous_state.shape) != 3:
+                raise UsageError("FFCV loader: NormalizeCast expects uint8 HWC images")
+            return (replace(previous_state, jit_mode=True, dtype=self.storage),
+                    AllocationQuery(previous_state.shape, self.storage))
+
+    return NormalizeCast
+
+
 def beton_path(data: Path, split: str) -> Path:
     if (data / MANIFEST_NAME).is_file():
         path = read_manifest(data).ffcv_file(split)
@@ -88,12 +165,13 @@ def beton_path(data: Path, split: str) -> Path:
 class FfcvLoader:
     """BatchLoader over an FFCV .beton. Extra keyword options: `order` ("random" | "quasi_random"),
     `os_cache` (let the OS page cache hold the file; False = FFCV's own process cache),
-    `normalize_in` ("torch" | "ffcv" | None = by device), `batches_ahead`."""
+    `normalize_in` ("torch" | "ffcv" | None = by device), `batches_ahead`, `copy` (hand out copies of
+    the images normalised in FFCV instead of FFCV's recycled buffers)."""
 
     backend = "ffcv"
 
     def __init__(self, data: Path, opts: LoaderOptions, *, order: str = "random", os_cache: bool = True,
-                 normalize_in: str | None = None, batches_ahead: int = 3):
+                 normalize_in: str | None = None, batches_ahead: int = 3, copy: bool = False):
         if normalize_in is None:
             normalize_in = "ffcv" if opts.device.type == "cpu" else "torch"
         if order not in ORDERS:
@@ -111,6 +189,7 @@ class FfcvLoader:
         self.resolution = opts.resolution
         self.normalize_in = normalize_in
         self.normalize_on = "host" if normalize_in == "ffcv" else "device"
+        self.copy = copy
         self._mean, self._std = mean_std_tensors(opts)
         self._decoder = None
         self._loader = self._make_loader(order=order, os_cache=os_cache, batches_ahead=batches_ahead)
@@ -119,7 +198,7 @@ class FfcvLoader:
     # -- construction --------------------------------------------------------------------------
     def _image_pipeline(self) -> list:
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
         o, r = self.opts, self.resolution
         if o.train:
@@ -129,8 +208,11 @@ class FfcvLoader:
             self._decoder = CenterCropRGBImageDecoder((r, r), ratio=o.val_crop_ratio)
             ops = [self._decoder]
         if self.normalize_in == "ffcv":
-            ops.append(NormalizeImage(np.array(o.mean) * 255, np.array(o.std) * 255, np.float32))
-        return ops + [ToTensor(), ToDevice(o.device, non_blocking=True), ToTorchImage(channels_last=True)]
+            ops.append(normalize_cast_op(np.array(o.mean) * 255, np.array(o.std) * 255, o.dtype))
+        ops.append(ToTensor())
+        if o.device.type != "cpu":  # on the CPU it would only copy the batch into another CPU buffer
+            ops.append(ToDevice(o.device, non_blocking=True))
+        return ops + [ToTorchImage(channels_last=True, convert_back_int16=False)]
 
     def _label_pipeline(self) -> list:
         from ffcv.fields.decoders import IntDecoder
@@ -191,13 +273,15 @@ class FfcvLoader:
         self._loader.generate_code()  # re-collects the allocation plan, which reads output_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # both outputs are copied out of FFCV's buffers, which it recycles `batches_ahead` batches later
+        # labels are copied out of FFCV's recycled buffers; images are when normalised in torch or with copy=True
         for images, labels in self._loader:
             yield self._finish(images), labels.reshape(-1).to(torch.int64, copy=True)
 
     def _finish(self, images: torch.Tensor) -> torch.Tensor:
-        if self.normalize_in == "ffcv":  # already normalised fp32; the cast also frees FFCV's buffer
-            out = images.to(self.opts.dtype, memory_format=torch.channels_last, copy=True)
+        if self.normalize_in == "ffcv":  # already normalised, in opts.dtype's bits (see NormalizeCast)
+            out = images.view(self.opts.dtype)
+            if self.copy:
+                out = out.clone(memory_format=torch.channels_last)
         else:
             out = images.to(self.opts.dtype, memory_format=torch.channels_last).sub_(self._mean).div_(self._std)
         return out if self.opts.channels_last else out.contiguous()

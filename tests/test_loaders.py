@@ -234,6 +234,37 @@ def test_ffcv_refuses_host_normalisation_on_cuda(data):
         FfcvLoader(data, opts, normalize_in="ffcv")
 
 
+def test_ffcv_writes_each_dtype_as_fp32_rounded(data):
+    """NormalizeCast computes (x - mean) / std in fp32 and writes bf16 (round to nearest even, as its
+    16 bits) or fp16 (a lookup table) directly: the result is the fp32 result rounded, bit for bit."""
+    from fastrefine.loaders.base import LoaderOptions
+    from fastrefine.loaders.ffcv import FfcvLoader
+    out = {}
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        opts = LoaderOptions(split="val", batch_size=8, resolution=RES, device=CPU, dtype=dt, workers=2)
+        ld = FfcvLoader(data, opts, normalize_in="ffcv")
+        batches = [x.clone() for x, _ in ld]
+        assert all(x.dtype == dt and x.is_contiguous(memory_format=torch.channels_last) for x in batches)
+        out[dt] = torch.cat(batches)
+    ref = out[torch.float32]
+    assert torch.equal(out[torch.bfloat16], ref.to(torch.bfloat16))
+    assert torch.equal(out[torch.float16], ref.to(torch.float16))
+    assert float(ref.std()) > 0.3  # real pixels, not a constant
+
+
+def test_ffcv_batch_is_valid_until_the_next_one_and_copy_keeps_them_all(data):
+    from fastrefine.loaders.base import LoaderOptions
+    from fastrefine.loaders.ffcv import FfcvLoader
+    opts = LoaderOptions(split="train", batch_size=8, resolution=RES, device=CPU, seed=5, workers=2)
+    it = iter(FfcvLoader(data, opts, normalize_in="ffcv"))
+    held = next(it)[0]
+    snap = held.clone()
+    for x, _ in it:  # FFCV refills its buffers while we hold a batch: the held one must not change
+        assert torch.equal(held, snap)
+        held, snap = x, x.clone()
+    kept = [(x, x.clone()) for x, _ in FfcvLoader(data, opts, normalize_in="ffcv", copy=True)]
+    assert len(kept) == 14 and all(torch.equal(a, b) for a, b in kept)  # copies survive the epoch
+
 # -- GPU (tools/gpu_check.sh) ------------------------------------------------------------------
 
 @pytest.mark.gpu
