@@ -80,13 +80,14 @@ def _as_ffcv_order(order):
 _NORMALIZE_CAST = None
 
 
-def normalize_cast_op(mean: Sequence[float], std: Sequence[float], dtype: torch.dtype):
+def normalize_cast_op(mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, flip_prob: float = 0.0):
     """An FFCV operation: uint8 HWC images -> (x - mean) / std in `dtype` (fp32, bf16 or fp16), in
-    FFCV's parallel compiled stage. `mean`/`std` are in pixel units (0..255)."""
+    FFCV's parallel compiled stage, mirrored left-right with probability `flip_prob` in the same pass
+    (what FFCV's RandomHorizontalFlip does in a pass of its own). `mean`/`std` in pixel units."""
     global _NORMALIZE_CAST
     if _NORMALIZE_CAST is None:
         _NORMALIZE_CAST = _define_normalize_cast()
-    return _NORMALIZE_CAST(np.asarray(mean, np.float32), np.asarray(std, np.float32), dtype)
+    return _NORMALIZE_CAST(np.asarray(mean, np.float32), np.asarray(std, np.float32), dtype, flip_prob)
 
 
 def _define_normalize_cast():
@@ -100,8 +101,9 @@ def _define_normalize_cast():
         # the numpy dtype FFCV allocates and the torch dtype the loader views it as
         STORAGE = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.int16}
 
-        def __init__(self, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype):
+        def __init__(self, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype, flip_prob: float):
             super().__init__()
+            self.flip_prob = float(flip_prob)
             if dtype not in self.STORAGE:
                 raise UsageError(f"FFCV loader: cannot normalise to {dtype} (fp32, bf16 or fp16)")
             self.scale, self.shift = (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
@@ -113,9 +115,13 @@ def _define_normalize_cast():
         def generate_code(self):
             prange, scale, shift, table = Compiler.get_iterator(), self.scale, self.shift, self.table
             mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[self.torch_dtype]
+            flip_prob = self.flip_prob
 
             def normalize_cast(images, dst):
-                height, row = images.shape[1], images.shape[2] * images.shape[3]
+                height, width = images.shape[1], images.shape[2]
+                row = width * 3
+                # numba's per-thread RNG, as FFCV's own RandomHorizontalFlip (not seeded by FFCV)
+                flips = np.random.rand(images.shape[0]) < flip_prob
                 for i in prange(images.shape[0]):
                     src, out = images[i].reshape(height, row), dst[i].reshape(height, row)
                     sc, sh = np.empty(row, np.float32), np.empty(row, np.float32)
@@ -124,18 +130,26 @@ def _define_normalize_cast():
                     tmp = np.empty(row, np.float32)
                     bits = tmp.view(np.uint32)
                     for y in range(height):
-                        if mode == 2:
-                            for k in range(row):
-                                out[y, k] = table[src[y, k], k % 3]
+                        if mode == 2:  # fp16: a table lookup on the uint8 value
+                            for p in range(width):
+                                q = width - 1 - p if flips[i] else p
+                                for c in range(3):
+                                    out[y, 3 * q + c] = table[src[y, 3 * p + c], c]
                             continue
                         for k in range(row):  # a straight loop: LLVM vectorises it
                             tmp[k] = np.float32(src[y, k]) * sc[k] + sh[k]
-                        if mode == 0:
+                        if mode == 0 and not flips[i]:
                             out[y, :] = tmp
+                        elif mode == 0:
+                            for p in range(width):
+                                q = width - 1 - p
+                                out[y, 3 * q], out[y, 3 * q + 1], out[y, 3 * q + 2] = tmp[3 * p], tmp[3 * p + 1], tmp[3 * p + 2]
                         else:  # fp32 -> bf16, round to nearest even: the top 16 bits after rounding
-                            for k in range(row):
-                                b = bits[k]
-                                out[y, k] = np.int16((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16)
+                            for p in range(width):
+                                q = width - 1 - p if flips[i] else p
+                                for c in range(3):
+                                    b = bits[3 * p + c]
+                                    out[y, 3 * q + c] = np.int16((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16)
                 return dst
 
             normalize_cast.is_parallel = True
@@ -203,12 +217,13 @@ class FfcvLoader:
         o, r = self.opts, self.resolution
         if o.train:
             self._decoder = RandomResizedCropRGBImageDecoder((r, r), scale=o.scale, ratio=o.ratio)
-            ops = [self._decoder, RandomHorizontalFlip()]
         else:
             self._decoder = CenterCropRGBImageDecoder((r, r), ratio=o.val_crop_ratio)
-            ops = [self._decoder]
-        if self.normalize_in == "ffcv":
-            ops.append(normalize_cast_op(np.array(o.mean) * 255, np.array(o.std) * 255, o.dtype))
+        ops, flip_prob = [self._decoder], 0.5 if o.train else 0.0
+        if self.normalize_in == "ffcv":  # the flip happens inside NormalizeCast's pass
+            ops.append(normalize_cast_op(np.array(o.mean) * 255, np.array(o.std) * 255, o.dtype, flip_prob))
+        elif o.train:
+            ops.append(RandomHorizontalFlip(flip_prob))
         ops.append(ToTensor())
         if o.device.type != "cpu":  # on the CPU it would only copy the batch into another CPU buffer
             ops.append(ToDevice(o.device, non_blocking=True))

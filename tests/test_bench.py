@@ -99,8 +99,11 @@ def test_both_decoders_decode_real_pixels(demo_tree):
     assert len(blobs) == 3 and "val" in where
     bgr = bench.decode_one(blobs[0], decoder="cv2")
     rgb = bench.decode_one(blobs[0], decoder="pil")
-    assert bgr.shape == rgb.shape == (32, 32, 3) and rgb.std() > 0  # a real photo, not a flat image
+    turbo = bench.decode_one(bench.prepare_blobs(blobs, decoder="turbo")[0], decoder="turbo")
+    assert bgr.shape == rgb.shape == turbo.shape == (32, 32, 3) and rgb.std() > 0  # a real photo, not flat
     assert abs(bgr[..., ::-1].astype(int) - rgb.astype(int)).max() <= 8  # same picture (IDCTs may differ a little)
+    assert abs(turbo.astype(int) - rgb.astype(int)).max() <= 8  # RGB order, fast IDCT
+    assert bench.fastest_decoder() == "turbo"  # FFCV is installed by `make setup`
 
 
 def test_loader_reports_working_and_failing_backends(demo_tree, tmp_path):
@@ -123,6 +126,7 @@ def test_loader_reports_working_and_failing_backends(demo_tree, tmp_path):
     assert s["best_backend"] == "torch" and "ffcv" in s["failed"]
     assert s["best_over_baseline"] == pytest.approx(s["best_images_per_s"] / s["baseline_images_per_s"])
     assert s["best_over_ceiling"] == pytest.approx(s["best_images_per_s"] / s["decode_ceiling_images_per_s"])
+    assert s["decode_ceiling_decoder"] == "turbo"  # the FFCV loader's own decoder: the strictest ceiling
 
 
 def test_step_writes_json_with_bound_and_ratio(tmp_path):

@@ -17,7 +17,6 @@ import io
 import json
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,43 +96,6 @@ def jpeg_stats(shards: list[Path]) -> dict:
     return dict(mean_bytes=round(float(np.mean(sizes))), bits_per_pixel=round(8 * sum(sizes) / sum(pixels), 2))
 
 
-class DecodeOnly:
-    """The ceiling: decode every converted JPEG (libjpeg-turbo via OpenCV, GIL released) on `workers`
-    threads, no crop, no resize, no normalisation. Yields the number of images decoded per batch."""
-
-    def __init__(self, shards: list[Path], *, batch: int, workers: int):
-        import cv2
-        cv2.setNumThreads(1)
-        self.cv2, self.batch, self.pool = cv2, batch, ThreadPoolExecutor(workers)
-        self.blobs = []
-        for shard in shards:
-            with tarfile.open(shard) as tf:
-                self.blobs += [np.frombuffer(tf.extractfile(m).read(), np.uint8)
-                               for m in tf if m.name.endswith(".jpg")]
-
-    def _decode(self, blob):
-        return self.cv2.imdecode(blob, self.cv2.IMREAD_COLOR)
-
-    def __iter__(self):
-        for k in range(0, len(self.blobs) - self.batch + 1, self.batch):
-            yield sum(im is not None for im in self.pool.map(self._decode, self.blobs[k:k + self.batch]))
-
-
-def decode_ceiling(shards: list[Path], *, batches: int, warmup: int, batch: int, workers: int) -> float:
-    dec = DecodeOnly(shards, batch=batch, workers=workers)
-    seen, it, start = 0, iter(dec), None
-    for step in range(warmup + batches):
-        if step == warmup:
-            start, seen = time.perf_counter(), 0
-        try:
-            n = next(it)
-        except StopIteration:
-            it = iter(dec)
-            n = next(it)
-        seen += n
-    return seen / (time.perf_counter() - start)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/loaderbench-mosaic"))
@@ -147,7 +109,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="*",
-                    default=["decode", "torchvision", "dali", "ffcv", "ffcv-torch", "ffcv-uint8"])
+                    default=["decode", "decode-cv2", "torchvision", "dali", "ffcv", "ffcv-torch", "ffcv-uint8"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
@@ -167,12 +129,16 @@ def main() -> None:
     timing = dict(batches=args.batches, warmup=args.warmup)
     results = {}
     for name in args.only:
-        if name == "decode":
+        if name in ("decode", "decode-cv2"):  # the ceiling: decode only, a process per core
+            from fastrefine.bench import bench_decode, fastest_decoder, jpeg_blobs
+            decoder = fastest_decoder() if name == "decode" else "cv2"
+            blobs, _ = jpeg_blobs(conv, split="train", limit=args.images, source="dali")
+            rows = bench_decode(blobs=blobs, decoder=decoder, workers=args.workers, warmup=1, repeats=args.repeats)
             shards, _ = read_manifest(conv).dali_shards("train")
-            rates = [decode_ceiling(shards, batch=args.batch, workers=args.workers, **timing)
-                     for _ in range(args.repeats)]
             results[name] = dict(out="uint8 HWC", normalize="none", data="converted, max side 256",
-                                 **jpeg_stats(shards), **spread(rates))
+                                 decoder=decoder, **jpeg_stats(shards),
+                                 images_per_s=round(rows[-1]["images_per_s"]["median"]),
+                                 min=round(rows[-1]["images_per_s"]["min"]), max=round(rows[-1]["images_per_s"]["max"]))
             print(name, results[name], flush=True)
             continue
         if name == "torchvision":
