@@ -466,6 +466,10 @@ def run_loader(*, data: Path, backends: list[str], split: str, resolution: int, 
     if not folder.is_dir():
         raise UsageError(f"--baseline-folder {folder} is not a folder")
     timing = dict(batches=batches, warmup=warmup, repeats=repeats, device=dev)
+    # the ceiling first: its process pool forks, and forking after DALI/FFCV started threads is unsafe
+    decode = None if not ceiling else run_decode(data=data, split=split, images=ceiling_images, source="auto",
+                                                 decoder=fastest_decoder(), workers=workers, warmup=1,
+                                                 repeats=repeats)
     results = []
     for name in backends:
         make = (lambda name=name: build(data=data, backend=name, split=split, batch_size=batch_size,
@@ -475,10 +479,7 @@ def run_loader(*, data: Path, backends: list[str], split: str, resolution: int, 
         folder=folder, resolution=resolution, batch_size=batch_size, workers=baseline_workers, device=dev),
         **timing))
     summary = _loader_summary(results)
-    decode = None
-    if ceiling:
-        decode = run_decode(data=data, split=split, images=ceiling_images, source="auto", decoder=fastest_decoder(),
-                            workers=workers, warmup=1, repeats=repeats)
+    if decode is not None:
         summary["decode_ceiling_images_per_s"] = decode["summary"]["ceiling_images_per_s"]
         summary["decode_ceiling_decoder"] = decode["settings"]["decoder"]
         if summary.get("best_images_per_s"):

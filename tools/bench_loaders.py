@@ -6,21 +6,30 @@ Builds (once) an ImageNet-sized tree of real Fashion-MNIST photos as 500x375 RGB
 ImageNet's bytes per image by default, see make_tree), converts it with `convert_dataset` (max side
 256, q90), then times each backend's train split at 224 px, `--repeats` times each (median, min, max).
 `measure_loader` is the one timing protocol (warm-up batches, then timed batches) and is what
-`fastrefine bench loader` can call. Row "ffcv-uint8" is not a loader: FFCV's decode + crop + resize
-+ flip with uint8 out and no normalisation, to show where the time goes.
+`fastrefine bench loader` can call. Rows that are not loaders, to show where the time goes:
+"decode" (the ceiling: FFCV's TurboJPEG decode only, a process per core), "decode-cv2" (OpenCV's),
+"decode+resize" (decode + random crop + resize to 224 in numba threads, nothing else: the least any
+loader must do) and "ffcv-uint8" (the FFCV loader's decode + crop + resize + flip, uint8 out).
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import tarfile
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
+# DALI and then FFCV in one process under numba's TBB layer (picked up from Debian's libtbb, which
+# OpenCV pulls in) ended in "terminate called without an active exception" (exit 134) at interpreter
+# exit; OpenMP, also thread-safe for FFCV's loader thread, does not. Set before numba loads.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def measure_loader(loader, *, batches: int, warmup: int) -> float:
@@ -96,6 +105,52 @@ def jpeg_stats(shards: list[Path]) -> dict:
     return dict(mean_bytes=round(float(np.mean(sizes))), bits_per_pixel=round(8 * sum(sizes) / sum(pixels), 2))
 
 
+def decode_resize_bound(shards: list[Path], *, batch: int, workers: int, res: int, batches: int,
+                        repeats: int) -> list[float]:
+    """What any CPU loader of these files must at least do per train sample, with nothing else: FFCV's
+    own decode (TurboJPEG, fast DCT) + random crop + resize to res x res (OpenCV INTER_AREA), in numba
+    threads, into reused buffers; no flip, no normalisation, no loader machinery. Images/s per repeat."""
+    import numba
+    from ffcv.fields.rgb_image import get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from PIL import Image
+
+    blobs = []
+    for shard in shards:
+        with tarfile.open(shard) as tf:
+            blobs += [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
+    dims = np.array([Image.open(io.BytesIO(b)).size[::-1] for b in blobs], np.uint32)  # (h, w)
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    flat = np.frombuffer(b"".join(blobs), np.uint8)
+    dec, rsz, crop = (numba.njit(f, nogil=True) for f in (imdecode, resize_crop, get_random_crop))
+    scale, ratio = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))
+
+    @numba.njit(parallel=True, nogil=True)
+    def run(idx, tmp, out):
+        for j in numba.prange(len(idx)):
+            i = idx[j]
+            h, w = dims[i, 0], dims[i, 1]
+            dec(flat[offsets[i]:offsets[i + 1]], tmp[j], h, w, h, w, 0, 0, 1, 1, False, False)
+            pic = tmp[j][:h * w * 3].reshape(h, w, 3)
+            y, x, ch, cw = crop(h, w, scale, ratio)
+            rsz(pic, y, y + ch, x, x + cw, out[j])
+
+    numba.set_num_threads(workers)
+    tmp = np.empty((batch, int(dims.max()) ** 2 * 3), np.uint8)
+    out = np.empty((batch, res, res, 3), np.uint8)
+    starts = list(range(0, len(blobs) - batch + 1, batch))
+    run(np.arange(batch), tmp, out)  # compile
+    rates = []
+    for _ in range(repeats):
+        t0, seen = time.perf_counter(), 0
+        for k in range(batches):
+            s = starts[k % len(starts)]
+            run(np.arange(s, s + batch), tmp, out)
+            seen += batch
+        rates.append(seen / (time.perf_counter() - t0))
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/loaderbench-mosaic"))
@@ -109,7 +164,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="*",
-                    default=["decode", "decode-cv2", "torchvision", "dali", "ffcv", "ffcv-torch", "ffcv-uint8"])
+                    default=["decode", "decode-cv2", "decode+resize", "torchvision", "dali", "ffcv", "ffcv-torch",
+                             "ffcv-uint8"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
@@ -141,6 +197,14 @@ def main() -> None:
                                  min=round(rows[-1]["images_per_s"]["min"]), max=round(rows[-1]["images_per_s"]["max"]))
             print(name, results[name], flush=True)
             continue
+        if name == "decode+resize":
+            shards, _ = read_manifest(conv).dali_shards("train")
+            rates = decode_resize_bound(shards, batch=args.batch, workers=args.workers, res=args.res,
+                                        batches=args.batches, repeats=args.repeats)
+            results[name] = dict(out="uint8 HWC", normalize="none (not a loader)", data="converted, max side 256",
+                                 **spread(rates))
+            print(name, results[name], flush=True)
+            continue
         if name == "torchvision":
             ld = baseline_loader(folder=src / "train", resolution=args.res, batch_size=args.batch,
                                  workers=args.workers, device=torch.device("cpu"))
@@ -166,6 +230,10 @@ def main() -> None:
         best = max(loaders, key=loaders.get)
         results["ratios"] = dict(best=best, vs_baseline=round(loaders[best] / results["torchvision"]["images_per_s"], 2),
                                  vs_decode_ceiling=round(loaders[best] / results["decode"]["images_per_s"], 3))
+        if "decode+resize" in results:
+            results["ratios"]["vs_decode_resize"] = round(loaders[best] / results["decode+resize"]["images_per_s"], 3)
+            results["ratios"]["decode_resize_vs_decode"] = round(
+                results["decode+resize"]["images_per_s"] / results["decode"]["images_per_s"], 3)
         print("ratios", results["ratios"])
     (args.work / "bench_loaders.json").write_text(json.dumps(
         dict(results=results, args={k: str(v) for k, v in vars(args).items()},
