@@ -743,7 +743,7 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
     t0 = time.perf_counter()
     loader = _recipe_loader(recipe, device=dev, dtype=prec.input_dtype)
     it = cycle(loader)
-    x0, y0 = next(it)
+    x0, y0 = (t.clone() for t in next(it))  # kept while the loader runs on: FFCV recycles its own buffers
     sync()
     startup = time.perf_counter() - t0
     first = first_call(lambda: step(x0, y0), sync=sync)
