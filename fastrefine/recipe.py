@@ -118,6 +118,7 @@ class RefineryConfig:
     gt_weight: float = _f(0.0, lo=0.0, hi=1.0, doc="weight of the ground-truth cross-entropy term")
     temperature: float = _f(1.0, lo=0.0, lo_open=True)
     bn: Literal["eval", "batch"] = _f("eval", doc="eval: running BN stats; batch: batch stats (the official code)")
+    fold_bn: bool = _f(True, doc="bn = eval only: fold each BatchNorm into the conv before it (same function, faster)")
     use: Literal["best", "last"] = _f("last", doc="which checkpoint of a round refines the next")
     adversarial: AdversarialConfig = _f(AdversarialConfig())
 

@@ -10,11 +10,15 @@ They have the same gradient with respect to the student; KL reads 0 when the stu
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -64,22 +68,50 @@ def _set_bn_batch_mode(model: nn.Module) -> None:
             m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: the stored statistics stay as trained
 
 
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, str]:
+    """An eval-mode copy of `model` with every BatchNorm that follows a convolution (or a linear layer)
+    folded into it (w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta):
+    the same function up to float rounding, one memory pass fewer per layer. Uses torch.fx's
+    conv/linear-BN fusion; a model torch.fx cannot trace is returned unchanged, with the reason.
+    Returns (model, note)."""
+    from torch.fx.experimental.optimization import fuse
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if n_bn == 0:
+        return model, "no BatchNorm to fold"
+    channels_last = any(isinstance(m, nn.Conv2d) and m.weight.is_contiguous(memory_format=torch.channels_last)
+                        and not m.weight.is_contiguous() for m in model.modules())
+    try:
+        folded = fuse(copy.deepcopy(model).eval())
+    except Exception as e:  # noqa: BLE001  torch.fx could not trace it: keep the plain model
+        return model, f"BatchNorm not folded (torch.fx: {type(e).__name__}: {e})"
+    left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+    return folded, f"folded {n_bn - left} of {n_bn} BatchNorm layers into the layers before them"
+
+
 class Refinery(nn.Module):
     """A frozen model that turns a batch into target probabilities, under inference mode.
 
-    bn="eval": the whole model in eval mode (running BN statistics) -- fastrefine's default.
+    bn="eval": the whole model in eval mode (running BN statistics) -- fastrefine's default. With
+    fold_bn (default) each BN after a convolution is folded into it (`fold_batchnorm`): the same
+    function, a faster forward (measured on the CPU: darknet19 -23%, resnet50 -6%; docs/benchmarks.md).
     bn="batch": BN layers use the batch's statistics as the official Label Refinery code did (its
     refinery ran in train mode); dropout stays off, and the running statistics are not updated.
     The probabilities are cloned out of inference mode so the loss can save them for backward.
     """
 
-    def __init__(self, model: nn.Module, *, bn: str = "eval", temperature: float = 1.0):
+    def __init__(self, model: nn.Module, *, bn: str = "eval", temperature: float = 1.0, fold_bn: bool = True):
         super().__init__()
         model.eval()
+        self.note = "BatchNorm kept (bn = 'batch')" if bn == "batch" else "BatchNorm kept (fold_bn = false)"
         if bn == "batch":
             _set_bn_batch_mode(model)
         elif bn != "eval":
             raise ValueError(f"refinery bn mode must be 'eval' or 'batch', got {bn!r}")
+        elif fold_bn:
+            model, self.note = fold_batchnorm(model)
+            log.info("refinery: %s", self.note)
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model

@@ -183,7 +183,8 @@ def run_round(ctx: Context, index: int) -> dict:
         ref_path = refinery_checkpoint(ctx, spec)
         ref_model, refinery_meta = load_model_from_checkpoint(ref_path, device=ctx.device,
                                                               num_classes=ctx.num_classes)
-        refinery = Refinery(ref_model, bn=r.refinery.bn, temperature=r.refinery.temperature)
+        refinery = Refinery(ref_model, bn=r.refinery.bn, temperature=r.refinery.temperature,
+                            fold_bn=r.refinery.fold_bn)
         refinery_desc = f"{spec} ({refinery_meta['model_name']})"
     else:
         refinery, refinery_desc = NoRefinery(), "none (labels)"

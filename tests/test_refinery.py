@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -102,3 +103,43 @@ def test_refinery_on_real_model_in_channels_last():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         p = ref(x)
     assert p.dtype == torch.float32 and p.shape == (2, 10)
+
+
+def _with_running_stats(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["darknet19", "mobilenet_v1_025", "resnet18", "resnet50", "alexnet_bn",
+                                  "tiny_cnn", "small_resnet"])
+def test_eval_refinery_folds_batchnorm_into_convs_and_computes_the_same(name):
+    torch.manual_seed(0)
+    plain = _with_running_stats(create_model(name, num_classes=10)).to(memory_format=torch.channels_last)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules())  # alexnet_bn: 2d and 1d
+    ref = Refinery(plain)
+    assert n_bn > 0 and ref.note == f"folded {n_bn} of {n_bn} BatchNorm layers into the layers before them"
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ref.model.modules())
+    convs = [m for m in ref.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))
+    assert all(not p.requires_grad for p in ref.parameters())
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    kept = Refinery(copy.deepcopy(plain), fold_bn=False)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in kept.model.modules())
+    with torch.inference_mode():
+        want, got = plain(x), ref.model(x)
+    scale = float(want.abs().max())
+    assert scale > 0 and float((want - got).abs().max()) <= 1e-4 * scale  # same function, float rounding
+    assert torch.allclose(ref(x), kept(x), atol=1e-5)                    # and the same probabilities
+
+
+def test_batch_mode_refinery_never_folds():
+    net = _bn_net()
+    ref = Refinery(net, bn="batch")
+    assert ref.model is net and "kept" in ref.note
