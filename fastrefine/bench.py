@@ -604,6 +604,7 @@ def step_case(*, student: str, refinery: str | None, num_classes: int, resolutio
     s = create_model(student, num_classes=num_classes).to(device, memory_format=fmt).train()
     r = create_model(refinery, num_classes=num_classes).to(device, memory_format=fmt) if refinery else None
     step = make_bench_step(student=s, refinery=r, precision=precision, compile=compile)
+    del r  # the Refinery holds its own (BN-folded) copy; the unfolded weights must not count as its memory
     images, labels = synthetic_batch(batch_size=batch_size, resolution=resolution, num_classes=num_classes,
                                      device=device, dtype=precision.input_dtype, channels_last=channels_last)
     sync = make_sync(device)
@@ -739,6 +740,7 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
     if ref_model is not None:
         ref_model = ref_model.to(dev, memory_format=fmt)
     step = make_bench_step(student=student, refinery=ref_model, precision=prec, compile=recipe.run.compile)
+    del ref_model  # the step's Refinery holds its own (BN-folded) copy
     sync = make_sync(dev)
     t0 = time.perf_counter()
     loader = _recipe_loader(recipe, device=dev, dtype=prec.input_dtype)

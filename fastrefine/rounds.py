@@ -185,6 +185,7 @@ def run_round(ctx: Context, index: int) -> dict:
                                                               num_classes=ctx.num_classes)
         refinery = Refinery(ref_model, bn=r.refinery.bn, temperature=r.refinery.temperature,
                             fold_bn=r.refinery.fold_bn)
+        del ref_model  # with fold_bn the Refinery holds a folded copy: drop the unfolded weights
         refinery_desc = f"{spec} ({refinery_meta['model_name']})"
     else:
         refinery, refinery_desc = NoRefinery(), "none (labels)"
