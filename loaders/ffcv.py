@@ -1,7 +1,9 @@
 """FFCV backend: reads the converter's `.beton` files (fields `image` RGBImageField, `label` IntField).
 
-Image pipeline: RandomResizedCropRGBImageDecoder + RandomHorizontalFlip (train) or
-CenterCropRGBImageDecoder (val) -> [NormalizeImage] -> ToTensor -> ToDevice -> ToTorchImage(channels_last).
+Image pipeline: RandomResizedCropRGBImageDecoder (train) or CenterCropRGBImageDecoder (val), then
+on the CPU NormalizeCast (normalise + cast + the train flip, one pass) -> ToTensor -> ToTorchImage
+(channels_last); on CUDA RandomHorizontalFlip (train) -> ToTensor -> ToDevice -> ToTorchImage, and
+torch normalises the uint8 batch on the GPU.
 
 Where normalisation runs (`normalize_in=`):
 - "ffcv" (CPU only): `NormalizeCast`, this module's own FFCV operation, on the uint8 HWC numpy batch
