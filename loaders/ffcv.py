@@ -124,12 +124,12 @@ def _define_normalize_cast():
                 row = width * 3
                 # numba's per-thread RNG, as FFCV's own RandomHorizontalFlip (not seeded by FFCV)
                 flips = np.random.rand(images.shape[0]) < flip_prob
+                sc, sh = np.empty(row, np.float32), np.empty(row, np.float32)  # per-channel values along a row
+                for k in range(row):
+                    sc[k], sh[k] = scale[k % 3], shift[k % 3]
                 for i in prange(images.shape[0]):
                     src, out = images[i].reshape(height, row), dst[i].reshape(height, row)
-                    sc, sh = np.empty(row, np.float32), np.empty(row, np.float32)
-                    for k in range(row):
-                        sc[k], sh[k] = scale[k % 3], shift[k % 3]
-                    tmp = np.empty(row, np.float32)
+                    tmp = np.empty(row, np.float32)  # per image: each thread its own row buffer
                     bits = tmp.view(np.uint32)
                     for y in range(height):
                         if mode == 2:  # fp16: a table lookup on the uint8 value

@@ -5,8 +5,8 @@
 Builds (once) an ImageNet-sized tree of real Fashion-MNIST photos as 500x375 RGB JPEGs (mosaics with
 ImageNet's bytes per image by default, see make_tree), converts it with `convert_dataset` (max side
 256, q90), then times each backend's train split at 224 px, `--repeats` times each (median, min, max).
-`measure_loader` is the one timing protocol (warm-up batches, then timed batches) and is what
-`fastrefine bench loader` can call. Rows that are not loaders, to show where the time goes:
+Loaders are timed with `fastrefine bench`'s own protocol (`time_batches`: first batch apart, warm-up
+batches, then repeats of timed batches). Rows that are not loaders, to show where the time goes:
 "decode" (the ceiling: FFCV's TurboJPEG decode only, a process per core), "decode-cv2" (OpenCV's),
 "decode+resize" (decode + random crop + resize to 224 in numba threads, nothing else: the least any
 loader must do) and "ffcv-uint8" (the FFCV loader's decode + crop + resize + flip, uint8 out).
@@ -22,35 +22,12 @@ import os
 os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
 
 import argparse  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
-import tarfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def measure_loader(loader, *, batches: int, warmup: int) -> float:
-    """Images/s over `batches` batches after `warmup` untimed ones (an epoch restarts if it runs out).
-    A CPU batch exists once next() returns; a CUDA one is waited for (synchronize), so asynchronous
-    producers are paid for. (A sum over each batch adds a consumer's cost: on FFCV's uint8 channels-last
-    batches it cut the measured rate from 5,850 to 1,850 img/s.)"""
-    seen, it, start = 0, iter(loader), None
-    for step in range(warmup + batches):
-        if step == warmup:
-            start = time.perf_counter()
-            seen = 0
-        try:
-            x, y = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, y = next(it)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        seen += x.shape[0]
-    return seen / (time.perf_counter() - start)
 
 
 def make_tree(root: Path, *, images: int, classes: int = 10, content: str = "mosaic") -> None:
@@ -90,38 +67,27 @@ def make_tree(root: Path, *, images: int, classes: int = 10, content: str = "mos
                 im.convert("RGB").save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def jpeg_stats(shards: list[Path]) -> dict:
-    """Mean bytes and bits per pixel of the converted JPEGs (how much detail a decoder must undo)."""
-    from PIL import Image
-    sizes, pixels = [], []
-    for shard in shards:
-        with tarfile.open(shard) as tf:
-            for m in tf:
-                if m.name.endswith(".jpg"):
-                    blob = tf.extractfile(m).read()
-                    w, h = Image.open(io.BytesIO(blob)).size
-                    sizes.append(len(blob))
-                    pixels.append(w * h)
+def jpeg_stats(items: list) -> dict:
+    """Mean bytes and bits per pixel of the converted JPEGs (how much detail a decoder must undo).
+    `items` as `fastrefine.bench.prepare_blobs(..., decoder="turbo")` gives them: (bytes, height, width)."""
+    sizes = [len(data) for data, _, _ in items]
+    pixels = [h * w for _, h, w in items]
     return dict(mean_bytes=round(float(np.mean(sizes))), bits_per_pixel=round(8 * sum(sizes) / sum(pixels), 2))
 
 
-def decode_resize_bound(shards: list[Path], *, batch: int, workers: int, res: int, batches: int,
+def decode_resize_bound(items: list, *, batch: int, workers: int, res: int, batches: int,
                         repeats: int) -> list[float]:
     """What any CPU loader of these files must at least do per train sample, with nothing else: FFCV's
     own decode (TurboJPEG, fast DCT) + random crop + resize to res x res (OpenCV INTER_AREA), in numba
-    threads, into reused buffers; no flip, no normalisation, no loader machinery. Images/s per repeat."""
+    threads, into reused buffers; no flip, no normalisation, no loader machinery. Images/s per repeat.
+    `items`: (bytes, height, width) as for jpeg_stats."""
     import numba
     from ffcv.fields.rgb_image import get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
-    from PIL import Image
 
-    blobs = []
-    for shard in shards:
-        with tarfile.open(shard) as tf:
-            blobs += [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
-    dims = np.array([Image.open(io.BytesIO(b)).size[::-1] for b in blobs], np.uint32)  # (h, w)
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
-    flat = np.frombuffer(b"".join(blobs), np.uint8)
+    dims = np.array([(h, w) for _, h, w in items], np.uint32)
+    offsets = np.concatenate([[0], np.cumsum([len(data) for data, _, _ in items])]).astype(np.int64)
+    flat = np.concatenate([data for data, _, _ in items])
     dec, rsz, crop = (numba.njit(f, nogil=True) for f in (imdecode, resize_crop, get_random_crop))
     scale, ratio = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))
 
@@ -138,7 +104,7 @@ def decode_resize_bound(shards: list[Path], *, batch: int, workers: int, res: in
     numba.set_num_threads(workers)
     tmp = np.empty((batch, int(dims.max()) ** 2 * 3), np.uint8)
     out = np.empty((batch, res, res, 3), np.uint8)
-    starts = list(range(0, len(blobs) - batch + 1, batch))
+    starts = list(range(0, len(items) - batch + 1, batch))
     run(np.arange(batch), tmp, out)  # compile
     rates = []
     for _ in range(repeats):
@@ -169,62 +135,61 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
-    from fastrefine.bench import baseline_loader
+    from fastrefine.bench import (baseline_loader, bench_decode, fastest_decoder, jpeg_blobs, prepare_blobs,
+                                  spread, time_batches)
     from fastrefine.loaders import build
     from fastrefine.loaders.base import LoaderOptions
-    from fastrefine.manifest import read_manifest
+
+    def summary(stats: dict) -> dict:  # a fastrefine.bench spread, rounded for the table
+        return dict(images_per_s=round(stats["median"]), min=round(stats["min"]), max=round(stats["max"]))
 
     src, conv = args.work / "src", args.work / "conv"
     make_tree(src, images=args.images, content=args.content)
     if not (conv / "manifest.json").is_file():
         from fastrefine.convert import convert_dataset
         convert_dataset(src=src, out=conv, layout="folder", max_side=256, quality=90, progress=False)
-    dtype = getattr(torch, args.dtype)
-    common = dict(split="train", batch_size=args.batch, resolution=args.res, device=torch.device("cpu"),
-                  dtype=dtype, workers=args.workers)
-    timing = dict(batches=args.batches, warmup=args.warmup)
+    cpu = torch.device("cpu")
+    common = dict(split="train", batch_size=args.batch, resolution=args.res, device=cpu,
+                  dtype=getattr(torch, args.dtype), workers=args.workers)
+    converted = "converted, max side 256"
+    blobs, _ = jpeg_blobs(conv, split="train", limit=args.images, source="dali")
+    items = prepare_blobs(blobs, decoder="turbo")  # (bytes, height, width): read once, used below
     results = {}
     for name in args.only:
         if name in ("decode", "decode-cv2"):  # the ceiling: decode only, a process per core
-            from fastrefine.bench import bench_decode, fastest_decoder, jpeg_blobs
             decoder = fastest_decoder() if name == "decode" else "cv2"
-            blobs, _ = jpeg_blobs(conv, split="train", limit=args.images, source="dali")
             rows = bench_decode(blobs=blobs, decoder=decoder, workers=args.workers, warmup=1, repeats=args.repeats)
-            shards, _ = read_manifest(conv).dali_shards("train")
-            results[name] = dict(out="uint8 HWC", normalize="none", data="converted, max side 256",
-                                 decoder=decoder, **jpeg_stats(shards),
-                                 images_per_s=round(rows[-1]["images_per_s"]["median"]),
-                                 min=round(rows[-1]["images_per_s"]["min"]), max=round(rows[-1]["images_per_s"]["max"]))
+            results[name] = dict(out="uint8 HWC", normalize="none", data=converted, decoder=decoder,
+                                 **jpeg_stats(items), **summary(rows[-1]["images_per_s"]))
             print(name, results[name], flush=True)
             continue
         if name == "decode+resize":
-            shards, _ = read_manifest(conv).dali_shards("train")
-            rates = decode_resize_bound(shards, batch=args.batch, workers=args.workers, res=args.res,
+            rates = decode_resize_bound(items, batch=args.batch, workers=args.workers, res=args.res,
                                         batches=args.batches, repeats=args.repeats)
-            results[name] = dict(out="uint8 HWC", normalize="none (not a loader)", data="converted, max side 256",
-                                 **spread(rates))
+            results[name] = dict(out="uint8 HWC", normalize="none (not a loader)", data=converted,
+                                 **summary(spread(rates)))
             print(name, results[name], flush=True)
             continue
         if name == "torchvision":
             ld = baseline_loader(folder=src / "train", resolution=args.res, batch_size=args.batch,
-                                 workers=args.workers, device=torch.device("cpu"))
+                                 workers=args.workers, device=cpu)
             row = dict(out="float32", normalize="host (DataLoader workers)", data="original 500x375")
         elif name in ("ffcv-torch", "ffcv-uint8"):
             from fastrefine.loaders.ffcv import FfcvLoader
             ld = FfcvLoader(conv, LoaderOptions(**common), normalize_in="torch")
-            row = dict(out=args.dtype, normalize="device (torch ops on the uint8 batch)",
-                       data="converted, max side 256")
+            row = dict(out=args.dtype, normalize="device (torch ops on the uint8 batch)", data=converted)
             if name == "ffcv-uint8":
                 ld = RawFfcv(ld)
-                row = dict(out="uint8 NHWC", normalize="none (not a loader)", data="converted, max side 256")
+                row = dict(out="uint8 NHWC", normalize="none (not a loader)", data=converted)
         else:
             ld = build(data=conv, backend=name, **common)
-            row = dict(out=args.dtype, normalize=f"{ld.normalize_on} ({name})", data="converted, max side 256")
-        measure_loader(ld, batches=2, warmup=1)  # first batches of a process: numba/DALI start-up
-        rates = [measure_loader(ld, **timing) for _ in range(args.repeats)]
-        results[name] = dict(**row, **spread(rates))
+            row = dict(out=args.dtype, normalize=f"{ld.normalize_on} ({name})", data=converted)
+        # fastrefine bench's own protocol: first batch apart (numba/DALI start-up), warm-up, repeats
+        timed = time_batches(lambda: ld, batches=args.batches, warmup=args.warmup, repeats=args.repeats,
+                             device=cpu)
+        results[name] = dict(**row, **summary(timed["images_per_s"]))
         print(name, results[name], flush=True)
-        del ld
+        del ld, timed
     loaders = {k: v["images_per_s"] for k, v in results.items() if k in ("dali", "ffcv", "ffcv-torch")}
     if loaders and "torchvision" in results and "decode" in results:
         best = max(loaders, key=loaders.get)
@@ -238,10 +203,6 @@ def main() -> None:
     (args.work / "bench_loaders.json").write_text(json.dumps(
         dict(results=results, args={k: str(v) for k, v in vars(args).items()},
              cpus=torch.get_num_threads(), time=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())), indent=1))
-
-
-def spread(rates: list[float]) -> dict:
-    return dict(images_per_s=round(float(np.median(rates))), min=round(min(rates)), max=round(max(rates)))
 
 
 class RawFfcv:

@@ -14,6 +14,7 @@ import torch
 import importlib.util
 spec = importlib.util.spec_from_file_location("bench", "tools/bench_loaders.py")
 bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+from fastrefine.bench import time_batches
 from fastrefine.convert import convert_dataset
 from fastrefine.loaders import build
 work = Path(tempfile.mkdtemp(prefix="gpucheck-"))
@@ -28,7 +29,8 @@ for backend in ("dali", "ffcv"):
         assert x.is_cuda and y.is_cuda and x.dtype == torch.float16, (backend, split, x.device, x.dtype)
         assert x.is_contiguous(memory_format=torch.channels_last) and x.shape[1:] == (3, 224, 224)
         assert abs(float(x.float().mean())) < 3 and 0.2 < float(x.float().std()) < 3
-        rate = bench.measure_loader(ld, batches=20, warmup=3) if split == "train" else float("nan")
+        rate = (time_batches(lambda: ld, batches=20, warmup=3, repeats=3, device=dev)["images_per_s"]["median"]
+                if split == "train" else float("nan"))
         print(f"{backend:5s} {split:5s} ok  {tuple(x.shape)} {x.dtype} normalize_on={ld.normalize_on} "
               f"train images/s={rate:.0f}")
 print("gpu_check: OK")
