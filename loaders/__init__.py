@@ -10,19 +10,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from fastrefine.errors import UsageError
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, LoaderOptions
+from .base import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, LoaderBase, LoaderOptions, Normalization
 
 log = logging.getLogger("fastrefine.loaders")
 
 BACKENDS = ("torch", "dali", "ffcv")
 
 __all__ = ["build", "resolve_backend", "BatchLoader", "LoaderOptions", "BACKENDS",
-           "IMAGENET_MEAN", "IMAGENET_STD", "backend_available"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "backend_available", "LoaderBase", "Normalization"]
 
 
 def backend_available(name: str) -> tuple[bool, str]:
@@ -73,10 +74,13 @@ def resolve_backend(name: str, *, device: torch.device, data: Path | None = None
     raise UsageError("no loader backend works: " + "; ".join(reasons))  # torch always works
 
 
-def build(*, data: str | Path, backend: str = "auto", **options) -> BatchLoader:
+def build(*, data: str | Path, backend: str = "auto", backend_options: Mapping[str, Mapping] | None = None,
+          **options) -> BatchLoader:
     """Build a loader for `data` (a converted dataset folder, or an ImageFolder root for torch/dali).
 
     Keyword options are the fields of LoaderOptions (split, batch_size, resolution, device, ...).
+    `backend_options` maps a backend name to its own keyword options (a recipe's `[loader.ffcv]`,
+    `[loader.dali]`, `[loader.torch]` tables); only the chosen backend's are passed on.
     """
     opts = LoaderOptions(**options)
     data = Path(data)
@@ -84,11 +88,12 @@ def build(*, data: str | Path, backend: str = "auto", **options) -> BatchLoader:
         raise UsageError(f"data folder {data} does not exist")
     name, reason = resolve_backend(backend, device=opts.device, data=data)
     log.debug("loader backend %s for %s (%s)", name, opts.split, reason)
+    extra = dict((backend_options or {}).get(name) or {})
     if name == "torch":
         from .torch import TorchLoader
-        return TorchLoader(data, opts)
+        return TorchLoader(data, opts, **extra)
     if name == "dali":
         from .dali import DaliLoader
-        return DaliLoader(data, opts)
+        return DaliLoader(data, opts, **extra)
     from .ffcv import FfcvLoader
-    return FfcvLoader(data, opts)
+    return FfcvLoader(data, opts, **extra)

@@ -17,11 +17,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How a loader normalised its images: x = (pixel / 255 - mean) / std, handed out in `dtype`.
+
+    The trainer and the adversarial jitter read it from the loader (`loader.normalization`), never
+    from a module-level constant, so a loader that normalises differently cannot silently disagree.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dtype: torch.dtype
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) in 0..1 pixel units, fp32, shaped (1, 3, 1, 1), on `device`."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        return mean, std
+
+
+@dataclass(frozen=True)
 class LoaderOptions:
     """Everything a backend needs, resolved once by `build`.
 
-    Train: RandomResizedCrop(scale, ratio) at `resolution` + horizontal flip; drops the last partial
-    batch. Val: resize the shorter side to round(resolution / val_crop_ratio), center crop
+    Train: RandomResizedCrop(scale, ratio) at `resolution` + horizontal flip (`flip=False` turns it
+    off: digits, text); drops the last partial batch. Val: resize the shorter side to round(resolution / val_crop_ratio), center crop
     `resolution`; keeps every image, and across `world_size` ranks each image is seen exactly once.
     """
 
@@ -40,6 +59,7 @@ class LoaderOptions:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     channels_last: bool = True
+    flip: bool = True            # train only: a random horizontal flip with probability 0.5
     shuffle: bool | None = None  # None: shuffle train, not val
     drop_last: bool | None = None  # None: drop on train, keep on val
 
@@ -59,6 +79,14 @@ class LoaderOptions:
     def val_resize(self) -> int:
         return int(round(self.resolution / self.val_crop_ratio))
 
+    @property
+    def flip_prob(self) -> float:
+        return 0.5 if (self.train and self.flip) else 0.0
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(mean=tuple(self.mean), std=tuple(self.std), dtype=self.dtype)
+
 
 @runtime_checkable
 class BatchLoader(Protocol):
@@ -68,6 +96,11 @@ class BatchLoader(Protocol):
     num_samples: int      # images this rank yields per epoch (after drop_last)
     normalize_on: str     # where normalisation runs, for the record: "device" | "host"
 
+    @property
+    def normalization(self) -> Normalization: ...
+
+    def close(self) -> None: ...
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def __len__(self) -> int: ...
@@ -75,6 +108,29 @@ class BatchLoader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
     def set_resolution(self, resolution: int) -> None: ...
+
+
+class LoaderBase:
+    """What every backend shares: the normalisation it applied and an idempotent `close()`.
+
+    `close()` releases what the loader holds between epochs (threads, pipelines, pinned or device
+    memory); a loader is also a context manager. Backends override `close` when they hold anything.
+    """
+
+    opts: LoaderOptions
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.opts.normalization
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def shard_indices(n: int, *, rank: int, world_size: int) -> range:

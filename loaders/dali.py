@@ -30,7 +30,7 @@ import torch
 from fastrefine.errors import RunError, UsageError
 from fastrefine.manifest import MANIFEST_NAME, read_manifest
 
-from .base import LoaderOptions
+from .base import LoaderBase, LoaderOptions
 
 log = logging.getLogger("fastrefine.loaders.dali")
 
@@ -131,7 +131,7 @@ def make_pipeline(*, source: DaliSource, opts: LoaderOptions, resolution: int, s
                                                    random_aspect_ratio=list(opts.ratio), num_attempts=10)
             images = fn.resize(images, resize_x=resolution, resize_y=resolution,
                                interp_type=types.INTERP_LINEAR, antialias=True)
-            mirror = fn.random.coin_flip(probability=0.5)
+            mirror = fn.random.coin_flip(probability=opts.flip_prob) if opts.flip else 0
             crop = {}
         else:
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
@@ -149,7 +149,7 @@ def make_pipeline(*, source: DaliSource, opts: LoaderOptions, resolution: int, s
     return image_pipeline()
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """BatchLoader over DALI. Extra keyword options: `shuffle_buffer` (reader's shuffle buffer, in
     samples; the webdataset reader shuffles only inside it), `prefetch` (DALI's queue depth)."""
 

@@ -41,7 +41,7 @@ import torch
 from fastrefine.errors import UsageError
 from fastrefine.manifest import MANIFEST_NAME, read_manifest
 
-from .base import LoaderOptions, mean_std_tensors, shard_indices
+from .base import LoaderBase, LoaderOptions, mean_std_tensors, shard_indices
 
 ORDERS = ("random", "quasi_random")
 
@@ -178,7 +178,7 @@ def beton_path(data: Path, split: str) -> Path:
     return path
 
 
-class FfcvLoader:
+class FfcvLoader(LoaderBase):
     """BatchLoader over an FFCV .beton. Extra keyword options: `order` ("random" | "quasi_random"),
     `os_cache` (let the OS page cache hold the file; False = FFCV's own process cache),
     `normalize_in` ("torch" | "ffcv" | None = by device), `batches_ahead`, `copy` (hand out copies of
@@ -221,10 +221,10 @@ class FfcvLoader:
             self._decoder = RandomResizedCropRGBImageDecoder((r, r), scale=o.scale, ratio=o.ratio)
         else:
             self._decoder = CenterCropRGBImageDecoder((r, r), ratio=o.val_crop_ratio)
-        ops, flip_prob = [self._decoder], 0.5 if o.train else 0.0
+        ops, flip_prob = [self._decoder], o.flip_prob
         if self.normalize_in == "ffcv":  # the flip happens inside NormalizeCast's pass
             ops.append(normalize_cast_op(np.array(o.mean) * 255, np.array(o.std) * 255, o.dtype, flip_prob))
-        elif o.train:
+        elif flip_prob > 0:
             ops.append(RandomHorizontalFlip(flip_prob))
         ops.append(ToTensor())
         if o.device.type != "cpu":  # on the CPU it would only copy the batch into another CPU buffer

@@ -18,7 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from fastrefine.errors import UsageError
 
-from .base import LoaderOptions, mean_std_tensors, shard_indices
+from .base import LoaderBase, LoaderOptions, mean_std_tensors, shard_indices
 
 
 def _resolve_folder(data: Path, split: str) -> tuple[Path, list[str] | None]:
@@ -90,14 +90,14 @@ class _Folder(Dataset):
             rng = random.Random(hash((o.seed, self.epoch, index)))
             top, left, h, w = sample_crop(rng, img.width, img.height, o.scale, o.ratio)
             img = TF.resized_crop(img, top, left, h, w, [r, r], antialias=True)
-            if rng.random() < 0.5:
+            if rng.random() < o.flip_prob:
                 img = TF.hflip(img)
         else:
             img = TF.center_crop(TF.resize(img, int(round(r / o.val_crop_ratio)), antialias=True), [r, r])
         return TF.pil_to_tensor(img), label
 
 
-class TorchLoader:
+class TorchLoader(LoaderBase):
     backend = "torch"
     normalize_on = "device"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrefine.demo import FASHION_MNIST_DIR, export_fashion_mnist
+from fastrefine.fashion_mnist import FASHION_MNIST_DIR, export_fashion_mnist
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fastrefine.convert import convert_dataset
-from fastrefine.demo import load_fashion_mnist
+from fastrefine.fashion_mnist import load_fashion_mnist
 from fastrefine.errors import UsageError
 from fastrefine.manifest import read_manifest
 
@@ -428,7 +428,7 @@ def test_ffcv_worker_failure_is_an_error_not_a_hang(tmp_path, fmnist):
 
 def test_folder_layout_takes_names_from_synset_mapping(tmp_path, demo_tree):
     """The demo export is an ImageFolder tree with LOC_synset_mapping.txt: names come from it."""
-    from fastrefine.demo import CLASS_NAMES
+    from fastrefine.fashion_mnist import CLASS_NAMES
     manifest = convert_dataset(src=demo_tree, out=tmp_path / "out", layout="folder", formats=("dali",),
                                splits=("val",), progress=False)
     assert [c["name"] for c in manifest["classes"]] == CLASS_NAMES

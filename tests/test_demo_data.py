@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from fastrefine.demo import CLASS_NAMES, WNIDS, export_fashion_mnist, load_fashion_mnist, select
+from fastrefine.fashion_mnist import CLASS_NAMES, WNIDS, export_fashion_mnist, load_fashion_mnist, select
 
 
 def test_export_matches_source(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastrefine.demo import load_fashion_mnist
+from fastrefine.fashion_mnist import load_fashion_mnist
 from fastrefine.errors import UsageError
 from fastrefine.loaders import build
 from fastrefine.manifest import read_manifest

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fastrefine.demo import load_fashion_mnist
+from fastrefine.fashion_mnist import load_fashion_mnist
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")

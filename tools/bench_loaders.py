@@ -41,7 +41,7 @@ def make_tree(root: Path, *, images: int, classes: int = 10, content: str = "mos
     ImageNet; the figures before 2026-11-29 10:00 used it."""
     from PIL import Image
 
-    from fastrefine.demo import load_fashion_mnist
+    from fastrefine.fashion_mnist import load_fashion_mnist
     if (root / "train").is_dir():
         return
     if content not in ("mosaic", "upscaled"):

@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from fastrefine.demo import export_fashion_mnist
+from fastrefine.fashion_mnist import export_fashion_mnist
 from fastrefine.errors import FastRefineError
 
 

@@ -1,0 +1,40 @@
+"""Each backend's own options: the recipe's `[loader.ffcv]`, `[loader.dali]` and `[loader.torch]` tables.
+
+Each is a frozen dataclass whose fields are the backend constructor's keyword options, loaded as
+strictly as the rest of the recipe (an unknown key names its dotted path). This module imports no
+backend library, so a recipe loads on a machine without DALI or FFCV.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _opt(default, *, lo: float | None = None, hi: float | None = None, doc: str = ""):
+    return field(default=default, metadata={"lo": lo, "hi": hi, "doc": doc, "lo_open": False})
+
+
+@dataclass(frozen=True)
+class FfcvOptions:
+    order: Literal["random", "quasi_random"] = _opt(
+        "random", doc="quasi_random reads pages in a shuffled order: for datasets larger than RAM (with os_cache = false)")
+    os_cache: bool = _opt(True, doc="true: the OS page cache holds the file; false: FFCV's own process cache")
+    batches_ahead: int = _opt(3, lo=1, doc="batches FFCV prepares ahead of the loop")
+
+
+@dataclass(frozen=True)
+class DaliOptions:
+    prefetch: int = _opt(2, lo=1, doc="DALI's prefetch queue depth")
+    hw_decoder_load: float = _opt(0.65, lo=0.0, hi=1.0, doc="GPU mixed decode: share of images for the hardware JPEG decoder (A100/H100)")
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    pass
+
+
+def as_kwargs(options) -> dict:
+    """The dataclass as the backend constructor's keyword options."""
+    return dataclasses.asdict(options) if options is not None else {}
