@@ -178,11 +178,11 @@ def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also wr
 
 
 # ---------------------------------------------------------------------------------------------- bench
-# Commands are registered by fastrefine.bench (kept there so the CLI module stays small).
+# Commands are registered by fastrefine.bench.cli (kept there so this module stays small).
 
 def _register_bench() -> None:
-    from . import bench
-    bench.register(bench_app, handle_errors=handle_errors, console=out)
+    from .bench.cli import register
+    register(bench_app, handle_errors=handle_errors, console=out)
 
 
 _register_bench()

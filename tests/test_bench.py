@@ -9,6 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fastrefine import bench
+from fastrefine.bench import decode as bench_decode
+from fastrefine.bench import step as bench_step
 from fastrefine.cli import app
 from fastrefine.errors import UsageError
 from fastrefine.models import model_info
@@ -70,10 +72,10 @@ def _tiny_cnn_flops(*, res: int, classes: int, width: int = 16) -> int:
 
 
 def test_flops_bound_known_pairs():
-    same = bench.flops_bound(student="tiny_cnn", refinery="tiny_cnn", num_classes=10, resolution=32)
+    same = bench_step.flops_bound(student="tiny_cnn", refinery="tiny_cnn", num_classes=10, resolution=32)
     assert same["student_flops"] == _tiny_cnn_flops(res=32, classes=10)
     assert same["bound"] == pytest.approx(1 + 1 / 3)
-    big = bench.flops_bound(student="tiny_cnn", refinery="small_resnet", num_classes=10, resolution=32)
+    big = bench_step.flops_bound(student="tiny_cnn", refinery="small_resnet", num_classes=10, resolution=32)
     fr = model_info("small_resnet", num_classes=10, resolution=32)["flops"]
     assert big["refinery_flops"] == fr
     assert big["bound"] == pytest.approx(1 + fr / (3 * _tiny_cnn_flops(res=32, classes=10)))
@@ -95,15 +97,15 @@ def test_decode_writes_json(demo_tree, tmp_path):
 
 
 def test_both_decoders_decode_real_pixels(demo_tree):
-    blobs, where = bench.jpeg_blobs(demo_tree, split="val", limit=3, source="folder")
+    blobs, where = bench_decode.jpeg_blobs(demo_tree, split="val", limit=3, source="folder")
     assert len(blobs) == 3 and "val" in where
-    bgr = bench.decode_one(blobs[0], decoder="cv2")
-    rgb = bench.decode_one(blobs[0], decoder="pil")
-    turbo = bench.decode_one(bench.prepare_blobs(blobs, decoder="turbo")[0], decoder="turbo")
+    bgr = bench_decode.decode_one(blobs[0], decoder="cv2")
+    rgb = bench_decode.decode_one(blobs[0], decoder="pil")
+    turbo = bench_decode.decode_one(bench_decode.prepare_blobs(blobs, decoder="turbo")[0], decoder="turbo")
     assert bgr.shape == rgb.shape == turbo.shape == (32, 32, 3) and rgb.std() > 0  # a real photo, not flat
     assert abs(bgr[..., ::-1].astype(int) - rgb.astype(int)).max() <= 8  # same picture (IDCTs may differ a little)
     assert abs(turbo.astype(int) - rgb.astype(int)).max() <= 8  # RGB order, fast IDCT
-    assert bench.fastest_decoder() == "turbo"  # FFCV is installed by `make setup`
+    assert bench_decode.fastest_decoder() == "turbo"  # FFCV is installed by `make setup`
 
 
 def test_loader_reports_working_and_failing_backends(demo_tree, tmp_path):

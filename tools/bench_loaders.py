@@ -135,8 +135,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
-    from fastrefine.bench import (baseline_loader, bench_decode, fastest_decoder, jpeg_blobs, prepare_blobs,
-                                  spread, time_batches)
+    from fastrefine.bench import spread, time_batches
+    from fastrefine.bench.decode import bench_decode, fastest_decoder, jpeg_blobs, prepare_blobs
+    from fastrefine.bench.loader import baseline_loader
     from fastrefine.loaders import build
     from fastrefine.loaders.base import LoaderOptions
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fastrefine.bench import flops_bound
+from fastrefine.bench.step import flops_bound
 from fastrefine.engine import build_step, make_optimizer, resolve_precision
 from fastrefine.models import create_model
 from fastrefine.refinery import NoRefinery, Refinery, make_loss, no_jitter

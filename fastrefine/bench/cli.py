@@ -1,0 +1,171 @@
+"""The `fastrefine bench` commands: decode, loader, step, train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import UsageError
+from .decode import run_decode
+from .loader import run_loader
+from .protocol import MIN_REPEATS, write_json
+from .step import run_step
+from .train import run_train
+
+
+def _fmt_rate(r: dict | None) -> str:
+    if not r:
+        return "-"
+    return f"{r['median']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f})"
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]):
+    from rich.table import Table
+    t = Table(title=title)
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def _csv(text: str, *, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise UsageError(f"{what}: expected a comma list, got {text!r}")
+    return items
+
+def _show_decode(console, rec: dict) -> None:
+    s = rec["settings"]
+    rows = [[r["mode"], str(r["images"]), _fmt_rate(r["images_per_s"])] for r in rec["results"]]
+    console.print(_table(f"JPEG decode ceiling: {s['decoder_detail']}; {s['source']}",
+                         ["mode", "images", "images/s median (min-max)"], rows))
+
+
+def _show_loader(console, rec: dict) -> None:
+    rows = [[r["backend"], _fmt_rate(r["images_per_s"]), r["dtype"], r["normalize_on"], f"{r['startup_s']:.1f}"]
+            if r.get("ok") else [r["backend"], "failed (below)", "-", "-", "-"] for r in rec["results"]]
+    s = rec["settings"]
+    console.print(_table(f"Loaders alone: {s['resolution']} px, batch {s['batch_size']}, {s['batches']} batches x "
+                         f"{s['repeats']} repeats, {s['device']}",
+                         ["backend", "images/s median (min-max)", "dtype", "normalise on", "start-up s"], rows))
+    sm = rec["summary"]
+    for name, why in sm.get("failed", {}).items():
+        console.print(f"{name} failed: {why}", highlight=False, markup=False)
+    if sm.get("decode_ceiling_images_per_s"):
+        console.print(f"decode ceiling ({sm.get('decode_ceiling_decoder', 'cv2')}, all cores): "
+                      f"{sm['decode_ceiling_images_per_s']:,.0f} images/s",
+                      highlight=False)
+    for key in ("best_over_baseline", "best_over_ceiling"):
+        if key in sm:
+            console.print(f"{key.replace('_', ' ')} ({sm['best_backend']}): {sm[key]:.2f}", highlight=False)
+
+
+def _show_step(console, rec: dict) -> None:
+    rows = []
+    for r in rec["results"]:
+        ratio = f"{r['measured_ratio']:.2f}" if "measured_ratio" in r else "-"
+        bound = f"{r['bound']:.2f}" if "bound" in r else "-"
+        rows.append([r["case"], _fmt_rate(r["images_per_s"]), f"{1000 * r['step_s']['median']:.1f}",
+                     ratio, bound, f"{r['peak_memory_mib']:.0f}", f"{r['first_call_s']:.2f}"])
+    s = rec["settings"]
+    console.print(_table(f"Train step alone (synthetic tensors): {s['resolution']} px, batch {s['batch_size']}, "
+                         f"{s['precision']}, {s['device']}{', compiled' if s['compile'] else ''}",
+                         ["case", "images/s median (min-max)", "step ms", "measured ratio", "FLOPs bound",
+                          "peak MiB", "first call s"], rows))
+    console.print(f"peak memory: {s['memory']}", highlight=False)
+
+
+def _show_train(console, rec: dict) -> None:
+    rows = [[r["case"], _fmt_rate(r["images_per_s"])] for r in rec["results"]]
+    s, sm = rec["settings"], rec["summary"]
+    console.print(_table(f"End to end: {s['model']} + refinery {s['refinery']}, {s['backend']} loader, "
+                         f"{s['resolution']} px, batch {s['batch_size']}, {s['device']}",
+                         ["case", "images/s median (min-max)"], rows))
+    console.print(f"data-wait fraction {sm['data_wait_fraction']:.2f}; input-bound: {sm['input_bound']}; "
+                  f"end to end / min(alone) = {sm['end_to_end_over_min_alone']:.2f}", highlight=False)
+
+
+def register(app, *, handle_errors, console) -> None:
+    """Add `decode`, `loader`, `step` and `train` to the `fastrefine bench` typer app."""
+    import typer
+
+    json_opt = typer.Option(None, "--json", help="Also write everything (settings, every repeat) as JSON here.")
+    repeats_opt = typer.Option(3, "--repeats", min=MIN_REPEATS, help="Timed repeats (median and spread).")
+
+    @app.command("decode")
+    @handle_errors
+    def decode(data: Path = typer.Argument(..., help="A converted folder (manifest.json) or an ImageFolder tree."),
+               split: str = typer.Option("train", "--split"),
+               images: int = typer.Option(2000, "--images", min=1, help="JPEGs to read into memory and decode."),
+               source: str = typer.Option("auto", "--source", help="auto, dali (shard JPEGs), ffcv (.beton) or folder."),
+               decoder: str = typer.Option("cv2", "--decoder", help="cv2 (OpenCV's libjpeg-turbo), pil (the torch loader's) or turbo (FFCV's own TurboJPEG call, fast DCT; the loader bench's ceiling)."),
+               workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Pool size (default: all cores)."),
+               warmup: int = typer.Option(1, "--warmup", min=0), repeats: int = repeats_opt,
+               json_out: Optional[Path] = json_opt):
+        """JPEG decode alone (no augmentation), one process and all cores: the loaders' ceiling."""
+        rec = run_decode(data=data, split=split, images=images, source=source, decoder=decoder, workers=workers,
+                         warmup=warmup, repeats=repeats)
+        _show_decode(console, rec)
+        write_json(json_out, rec)
+
+    @app.command("loader")
+    @handle_errors
+    def loader(data: Path = typer.Argument(..., help="A converted folder (manifest.json) or an ImageFolder tree."),
+               backend: str = typer.Option("dali,ffcv,torch", "--backend", help="Comma list of backends."),
+               split: str = typer.Option("train", "--split"),
+               resolution: int = typer.Option(224, "--resolution", min=8),
+               batch_size: int = typer.Option(256, "--batch-size", min=1),
+               batches: int = typer.Option(20, "--batches", min=1, help="Batches per timed repeat."),
+               warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed batches after the first."),
+               repeats: int = repeats_opt,
+               workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Loader workers (default: all cores)."),
+               device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+               baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", help="Original JPEG ImageFolder for the torchvision baseline (default: the split's source folder)."),
+               baseline_workers: int = typer.Option(2, "--baseline-workers", min=0),
+               ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Also measure the decode ceiling."),
+               ceiling_images: int = typer.Option(1000, "--ceiling-images", min=1),
+               json_out: Optional[Path] = json_opt):
+        """Each loader backend alone beside the torchvision ImageFolder baseline; failures say why."""
+        rec = run_loader(data=data, backends=_csv(backend, what="--backend"), split=split, resolution=resolution,
+                         batch_size=batch_size, batches=batches, warmup=warmup, repeats=repeats, workers=workers,
+                         device=device, baseline_folder=baseline_folder, baseline_workers=baseline_workers,
+                         ceiling=ceiling, ceiling_images=ceiling_images)
+        _show_loader(console, rec)
+        write_json(json_out, rec)
+
+    @app.command("step")
+    @handle_errors
+    def step(model: str = typer.Option("resnet18", "--model"),
+             refinery: str = typer.Option("same", "--refinery", help="Comma list: a model name, same, none."),
+             resolution: int = typer.Option(224, "--resolution", min=1),
+             batch_size: int = typer.Option(64, "--batch-size", min=1),
+             num_classes: int = typer.Option(1000, "--classes", min=1),
+             precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 (CUDA) or fp32."),
+             device: str = typer.Option("auto", "--device"),
+             channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
+             compile: bool = typer.Option(False, "--compile", help="torch.compile student and refinery (first call timed apart)."),
+             warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
+             repeats: int = repeats_opt, json_out: Optional[Path] = json_opt):
+        """The train step alone on synthetic device tensors: student alone vs student + refinery."""
+        if precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UsageError(f"--precision: expected auto, bf16, fp16 or fp32, got {precision!r}")
+        rec = run_step(model=model, refineries=_csv(refinery, what="--refinery"), num_classes=num_classes,
+                       resolution=resolution, batch_size=batch_size, precision=precision, device=device,
+                       channels_last=channels_last, compile=compile, warmup=warmup, iters=iters, repeats=repeats)
+        _show_step(console, rec)
+        write_json(json_out, rec)
+
+    @app.command("train")
+    @handle_errors
+    def train(recipe: Path = typer.Argument(..., help="A recipe TOML."),
+              overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE"),
+              round_name: Optional[str] = typer.Option(None, "--round", help="Which round (default: the last)."),
+              steps: int = typer.Option(20, "--steps", min=1, help="Steps per timed repeat."),
+              warmup: int = typer.Option(3, "--warmup", min=0), repeats: int = repeats_opt,
+              json_out: Optional[Path] = json_opt):
+        """Loader + step end to end from a recipe, the data-wait share, and each alone."""
+        rec = run_train(recipe_path=recipe, overrides=overrides, round_name=round_name, steps=steps,
+                        warmup=warmup, repeats=repeats)
+        _show_train(console, rec)
+        write_json(json_out, rec)
