@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from fastrefine.convert import convert_dataset
+from fastrefine.convert.lock import LOCK_NAME
 from fastrefine.fashion_mnist import load_fashion_mnist
 from fastrefine.errors import UsageError
 from fastrefine.manifest import read_manifest
@@ -154,7 +155,9 @@ def records(out: Path, manifest: dict, split: str) -> list[dict]:
 
 
 def snapshot(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    """mtime of every file under `folder` except the lock file (each run rewrites who holds it)."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_NAME}
 
 
 # ------------------------------------------------------------------ one dirty conversion, many checks
@@ -387,43 +390,25 @@ def test_ffcv_only_resumes_per_split_file_and_force_redoes(tmp_path, fmnist):
     assert snapshot(out)["train.beton"] != after["train.beton"]
 
 
-def test_ffcv_worker_failure_is_an_error_not_a_hang(tmp_path, fmnist):
-    """FFCV's DatasetWriter alone would wait forever for a dead worker; ours must fail with RunError."""
-    import sys
-    import textwrap
-
+def test_shard_not_matching_its_record_is_an_error_naming_it(tmp_path, fmnist):
+    """The .beton is written from the shards' bytes: a record pointing at garbage is a RunError naming the tar."""
+    from fastrefine.convert.ffcv_writer import CleanSamples, write_beton
+    from fastrefine.convert.imaging import Cleaned
     from fastrefine.convert.scan import Candidate
-    from fastrefine.convert.shards import ShardWriter, plan_shards
+    from fastrefine.convert.shards import plan_shards, write_shard
+    from fastrefine.errors import RunError
 
     plan = plan_shards(split="train", candidates=[Candidate("a.JPEG", 0), Candidate("b.JPEG", 1)],
                        shard_size=10, settings={})[0]
-    writer = ShardWriter(plan=plan, folder=tmp_path)
-    for key, cand in plan.items:
-        writer.add(key=key, source=cand.path, label=cand.label, jpeg=_jpeg_bytes(_rgb(fmnist[0][0])),
-                   width=SIDE, height=SIDE)
-    record = writer.finish()
+    jpeg = _jpeg_bytes(_rgb(fmnist[0][0]))
+    record = write_shard(plan=plan, folder=tmp_path, on_item=lambda _: None,
+                         cleaned=iter([Cleaned(data=jpeg, width=SIDE, height=SIDE)] * 2))
     record["members"][1]["offset"] += 3          # the second sample now points into garbage
-    (tmp_path / "record.json").write_text(json.dumps(record))
-    script = tmp_path / "write.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, sys
-        from pathlib import Path
-        from fastrefine.convert.ffcv_writer import CleanSamples, write_beton
-        from fastrefine.errors import RunError
-        folder = Path({str(tmp_path)!r})
-        samples = CleanSamples(tar_paths=[folder / "train-00000.tar"],
-                               records=[json.loads((folder / "record.json").read_text())])
-        try:
-            write_beton(path=folder / "x.beton", samples=samples, write_mode="raw", max_side=64, quality=90,
-                        workers=1, progress=False)
-        except RunError as e:
-            print("RUNERROR", e)
-            sys.exit(3)
-    """))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 3, done.stdout + done.stderr
-    assert "RUNERROR" in done.stdout and "x.beton" in done.stdout
-    assert not (tmp_path / "x.beton").exists() and not (tmp_path / "x.beton.partial").exists()
+    samples = CleanSamples(tar_paths=[tmp_path / "train-00000.tar"], records=[record])
+    with pytest.raises(RunError, match="train-00000.tar: sample 1"):
+        write_beton(path=tmp_path / "x.beton", samples=samples, write_mode="jpg", max_side=64, threads=1)
+    assert not (tmp_path / "x.beton").exists()
+    assert not [p for p in tmp_path.iterdir() if "x.beton" in p.name]     # no temporary left behind
 
 
 def test_folder_layout_takes_names_from_synset_mapping(tmp_path, demo_tree):

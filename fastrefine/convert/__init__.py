@@ -9,23 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .options import FFCV_MODES, FORMATS, ConvertOptions
 
-def convert_dataset(*, src: Path, out: Path, layout: str,
-                    formats: tuple[str, ...] = ("ffcv", "dali"), max_side: int = 256, quality: int = 90,
-                    workers: int | None = None, splits: tuple[str, ...] = ("train", "val"),
-                    limit_per_class: int | None = None, force: bool = False,
-                    ffcv_mode: str = "proportion", shard_size: int = 1000, progress: bool = True) -> dict:
+
+def convert_dataset(*, src: Path, out: Path, layout: str, options: ConvertOptions | None = None,
+                    **settings) -> dict:
     """Convert SRC (layout "imagenet" or "folder") into OUT and return the manifest dict written there.
 
+    Settings come as `options` (a ConvertOptions), as keywords named like its fields
+    (`formats=("dali",), workers=2, ...`), or both (the keywords replace those of `options`).
+
     Unreadable images are skipped and listed in the manifest's `skipped`; a missing or empty source,
-    a val class absent from train, or an OUT that holds another dataset raise UsageError before
-    anything is written. A rerun redoes only what is missing; `force=True` redoes everything.
+    an empty class folder, a val class absent from train, an OUT inside SRC, an OUT that holds another
+    dataset or an OUT another convert is writing raise UsageError before anything is written. A rerun
+    redoes only what is missing; `force=True` redoes everything.
     """
     from .core import convert
 
-    return convert(src=Path(src), out=Path(out), layout=layout, formats=tuple(formats), max_side=max_side,
-                   quality=quality, workers=workers, splits=tuple(splits), limit_per_class=limit_per_class,
-                   force=force, ffcv_mode=ffcv_mode, shard_size=shard_size, progress=progress)
+    opts = ConvertOptions.from_keywords(options, **settings)
+    return convert(src=Path(src), out=Path(out), layout=layout, options=opts)
 
 
-__all__ = ["convert_dataset"]
+__all__ = ["convert_dataset", "ConvertOptions", "FORMATS", "FFCV_MODES"]

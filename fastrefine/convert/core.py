@@ -1,15 +1,18 @@
-"""The conversion: scan -> clean shards (process pool) -> FFCV file -> manifest, resumable at every step.
+"""The conversion: scan -> lock OUT -> clean shards (process pool) -> .beton -> manifest, resumable.
 
 Every split goes through the same two stages:
 
-1. *Clean shards.* Each candidate file is decoded, oriented, made RGB, shrunk and re-encoded by a pool of
-   worker processes; the results are written in a fixed (seeded, shuffled for train) order into
-   webdataset tar shards with DALI's index. With `dali` among the formats they are the product
+1. *Clean shards.* Each candidate file is decoded, oriented, made RGB, shrunk and encoded as a JPEG once,
+   by a pool of worker processes; the results are written in a fixed (seeded, shuffled for train) order
+   into webdataset tar shards with DALI's index. With `dali` among the formats they are the product
    (`OUT/dali/`); otherwise they are scratch space (`OUT/.work/`, deleted at the end).
-2. *FFCV.* `OUT/{split}.beton` is written by FFCV's DatasetWriter from those clean shards.
+2. *FFCV.* `OUT/{split}.beton` is written from those same JPEG bytes (`ffcv_writer.write_beton`): no
+   image is decoded from its source twice or encoded twice.
 
-Resume: each shard, and each `.beton`, has a record with a fingerprint of its inputs and settings;
-a rerun redoes only what is missing or stale. The manifest is written last, atomically.
+The whole run holds an exclusive lock on OUT (`lock.out_lock`). Resume: each shard, and each `.beton`, has
+a record with a fingerprint of its inputs and settings and the size and sampled checksum of its files;
+a rerun redoes only what is missing, damaged or stale. The manifest is written last, atomically, and
+lists every output file with its size and sampled checksum (`fastrefine.manifest.check_recorded_file`).
 """
 
 from __future__ import annotations
@@ -34,31 +37,20 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
+from ..checkpoint import clean_stale_temporaries, read_json_marker, write_text
 from ..errors import RunError, UsageError
-from ..manifest import MANIFEST_NAME, MANIFEST_VERSION
+from ..manifest import FILES_KEY, MANIFEST_NAME, MANIFEST_VERSION, file_digest
 from .imaging import Cleaned, clean_many
+from .lock import LOCK_NAME, out_lock
+from .options import ConvertOptions
 from .scan import SourceScan, SplitScan, scan_source
-from .shards import (PARTIAL, ShardPlan, ShardWriter, atomic_write_text, fingerprint, load_complete_record,
-                     plan_shards, remove_stale)
+from .shards import PARTIAL, ShardPlan, fingerprint, load_complete_record, plan_shards, remove_stale, write_shard
 
-FORMATS = ("ffcv", "dali")
-FFCV_MODES = ("jpg", "proportion", "smart", "raw")
 SHUFFLE_SEED = 0
 MARKER = ".fastrefine-convert.json"     # written first, so a half-done OUT still says what it holds
 WORK = ".work"                          # scratch shards when only FFCV is asked for
 DALI_DIR = "dali"
-
-
-@dataclass(frozen=True)
-class Options:
-    formats: tuple[str, ...]
-    max_side: int
-    quality: int
-    workers: int
-    shard_size: int
-    ffcv_mode: str
-    force: bool
-    progress: bool
+BETON_WRITER = "direct-v1"              # part of a .beton's fingerprint: files of an older writer are redone
 
 
 @dataclass
@@ -69,69 +61,58 @@ class SplitRun:
     encoded: int = 0                     # candidate files decoded in this run
     written: int = 0                     # of which became images
     skipped_now: int = 0
-    needs_beton: bool = False
+    beton: dict[str, Any] | None = None  # the .beton's record (fingerprint, file digest, summary)
     beton_written: bool = False
     seconds: float = 0.0
     shard_records: list[dict[str, Any]] = field(default_factory=list)
     shard_plans: list[ShardPlan] = field(default_factory=list)
 
 
-def convert(*, src: Path, out: Path, layout: str, formats: tuple[str, ...], max_side: int, quality: int,
-            workers: int | None, splits: tuple[str, ...], limit_per_class: int | None, force: bool,
-            ffcv_mode: str, shard_size: int, progress: bool, console: Console | None = None) -> dict:
-    opts = _check_options(formats=formats, max_side=max_side, quality=quality, workers=workers,
-                          splits=splits, ffcv_mode=ffcv_mode, shard_size=shard_size, force=force,
-                          progress=progress)
-    console = console or Console()
-    scan = scan_source(src=Path(src), layout=layout, splits=tuple(splits), limit_per_class=limit_per_class)
-    out = Path(out).expanduser().resolve()
-    old_manifest = _guard_out(out=out, source=scan.source)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        atomic_write_text(out / MARKER, json.dumps({"source": str(scan.source)}) + "\n")
-    settings = {"layout": layout, "max_side": max_side, "quality": quality, "shard_size": shard_size,
-                "seed": SHUFFLE_SEED, "limit_per_class": limit_per_class, "version": 1}
-    shard_dir = out / (DALI_DIR if "dali" in opts.formats else WORK)
-    runs = _run_splits(scan=scan, out=out, shard_dir=shard_dir, settings=settings, opts=opts, console=console)
-    if "dali" not in opts.formats and (out / WORK).is_dir():
-        shutil.rmtree(out / WORK)
-    manifest = _build_manifest(scan=scan, runs=runs, opts=opts, limited=limit_per_class is not None)
-    did_work = any(r.encoded or r.beton_written for r in runs)
-    if not did_work and old_manifest is not None and _same(old_manifest, manifest):
-        console.print(f"[green]{out}: already complete for {', '.join(opts.formats)} / "
-                      f"{', '.join(splits)}; nothing to do[/green]")
-        return old_manifest
-    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    _print_summary(console=console, runs=runs, out=out)
-    return manifest
-
-
-def _check_options(*, formats, max_side, quality, workers, splits, ffcv_mode, shard_size, force,
-                   progress) -> Options:
-    formats = tuple(formats)
-    bad = [f for f in formats if f not in FORMATS]
-    if not formats or bad or len(set(formats)) != len(formats):
-        raise UsageError(f"formats {formats!r}: expected one or both of {', '.join(FORMATS)}")
-    if ffcv_mode not in FFCV_MODES:
-        raise UsageError(f"ffcv_mode {ffcv_mode!r}: expected one of {', '.join(FFCV_MODES)}")
-    if not 1 <= max_side <= 65535:
-        raise UsageError(f"max_side={max_side}: expected 1..65535")
-    if not 1 <= quality <= 100:
-        raise UsageError(f"quality={quality}: expected 1..100")
-    if shard_size < 1:
-        raise UsageError(f"shard_size={shard_size}: expected a positive number")
-    if workers is not None and workers < 1:
-        raise UsageError(f"workers={workers}: expected a positive number")
-    if not splits or len(set(splits)) != len(splits):
-        raise UsageError(f"splits {tuple(splits)!r}: expected distinct split names such as train, val")
-    if "ffcv" in formats:
+def convert(*, src: Path, out: Path, layout: str, options: ConvertOptions, console: Console | None = None) -> dict:
+    opts = options
+    if "ffcv" in opts.formats:
         try:
             import ffcv  # noqa: F401  (checked now, before anything is written)
         except ImportError as e:
             raise UsageError(f"format ffcv needs the ffcv package ({e}); install fastrefine[ffcv]") from None
-    return Options(formats=tuple(f for f in FORMATS if f in formats), max_side=max_side, quality=quality,
-                   workers=workers or os.cpu_count() or 1, shard_size=shard_size, ffcv_mode=ffcv_mode,
-                   force=force, progress=progress)
+    console = console or Console()
+    out = Path(out).expanduser().resolve()
+    _refuse_out_inside_src(out=out, src=Path(src).expanduser().resolve())
+    scan = scan_source(src=Path(src), layout=layout, splits=opts.splits, limit_per_class=opts.limit_per_class)
+    _guard_out(out=out, source=scan.source)
+    out.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        old_manifest = _guard_out(out=out, source=scan.source)      # again, now that no one else writes
+        for folder in (out, out / DALI_DIR, out / WORK):
+            clean_stale_temporaries(folder)
+        for split in opts.splits:
+            (out / f"{split}.beton{PARTIAL}").unlink(missing_ok=True)   # an older version's temporary
+        if not (out / MARKER).is_file():
+            write_text(out / MARKER, json.dumps({"source": str(scan.source)}) + "\n")
+        settings = {"layout": layout, "max_side": opts.max_side, "quality": opts.quality,
+                    "shard_size": opts.shard_size, "seed": SHUFFLE_SEED,
+                    "limit_per_class": opts.limit_per_class, "version": 1}
+        shard_dir = out / (DALI_DIR if "dali" in opts.formats else WORK)
+        runs = _run_splits(scan=scan, out=out, shard_dir=shard_dir, settings=settings, opts=opts,
+                           console=console)
+        if "dali" not in opts.formats and (out / WORK).is_dir():
+            shutil.rmtree(out / WORK)
+        manifest = _build_manifest(scan=scan, runs=runs, opts=opts)
+        did_work = any(r.encoded or r.beton_written for r in runs)
+        if not did_work and old_manifest is not None and _same(old_manifest, manifest):
+            console.print(f"{out}: already complete for {', '.join(opts.formats)} / "
+                          f"{', '.join(opts.splits)}; nothing to do", markup=False, highlight=False)
+            return old_manifest
+        write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    _print_summary(console=console, runs=runs, out=out)
+    return manifest
+
+
+def _refuse_out_inside_src(*, out: Path, src: Path) -> None:
+    """OUT inside SRC would be scanned as part of the source (a class folder of its own, at worst)."""
+    if out == src or src in out.parents:
+        raise UsageError(f"{out}: the output folder is inside the source folder {src}; choose an OUT "
+                         f"outside it")
 
 
 def _guard_out(*, out: Path, source: Path) -> dict | None:
@@ -146,13 +127,13 @@ def _guard_out(*, out: Path, source: Path) -> dict | None:
         if path.is_file():
             try:
                 found[name] = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise UsageError(f"{path}: unreadable ({e}); not writing into {out}") from None
-            other = found[name].get("source")
+            other = found[name].get("source") if isinstance(found[name], dict) else None
             if other != str(source):
                 raise UsageError(f"{out}: holds a conversion of {other}, not {source}; "
                                  f"choose another OUT or delete that one")
-    if not found and any(out.iterdir()):
+    if not found and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise UsageError(f"{out}: not empty and holds no fastrefine conversion; choose an empty folder")
     return found.get(MANIFEST_NAME)
 
@@ -165,40 +146,40 @@ def _ordered(scan: SplitScan) -> list:
     return cands
 
 
-def _run_splits(*, scan: SourceScan, out: Path, shard_dir: Path, settings: dict, opts: Options,
+def _run_splits(*, scan: SourceScan, out: Path, shard_dir: Path, settings: dict, opts: ConvertOptions,
                 console: Console) -> list[SplitRun]:
-    """Stage 1 (clean shards) for every split with the pool, then stage 2 (FFCV) once the pool is gone:
-    FFCV's writer forks, and a fork taken while the pool's and the progress bar's threads run can hang."""
-    runs, beton_fps = [], {}
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with _Pool(workers=opts.workers) as pool, \
+    """Stage 1 (clean shards) for every split with the pool, then stage 2 (the .beton files)."""
+    runs = []
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               _RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with _Pool(workers=opts.processes) as pool, \
             Progress(*columns, console=console, disable=not opts.progress) as bar:
         for name, split in scan.splits.items():
             start = time.perf_counter()
             run = SplitRun(name=name)
             run.shard_plans = plan_shards(split=name, candidates=_ordered(split), shard_size=opts.shard_size,
                                           settings=settings)
-            beton_fps[name] = fingerprint({"shards": [p.fingerprint for p in run.shard_plans],
-                                           "mode": opts.ffcv_mode})
-            beton = _load_beton_record(out=out, split=name, fp=beton_fps[name]) if not opts.force else None
-            if "ffcv" in opts.formats and beton is not None:
-                run.summary = beton["summary"]
-            if "dali" in opts.formats or ("ffcv" in opts.formats and beton is None):
+            fp = fingerprint({"shards": [p.fingerprint for p in run.shard_plans], "mode": opts.ffcv_mode,
+                              "writer": BETON_WRITER})
+            if "ffcv" in opts.formats:
+                run.beton = {"fingerprint": fp}
+                record = None if opts.force else _load_beton_record(out=out, split=name, fp=fp)
+                if record is not None:
+                    run.beton, run.summary = record, record["summary"]
+            if "dali" in opts.formats or (run.beton is not None and "file" not in run.beton):
                 _make_shards(run=run, split=split, scan=scan, shard_dir=shard_dir, opts=opts, pool=pool, bar=bar)
                 run.summary = _summarise(split=split, records=run.shard_records, num_classes=len(scan.classes))
-                run.needs_beton = "ffcv" in opts.formats and beton is None
             run.seconds = time.perf_counter() - start
             runs.append(run)
-    for run in runs:
-        if run.needs_beton:
-            start = time.perf_counter()
-            _make_beton(run=run, out=out, shard_dir=shard_dir, fp=beton_fps[run.name], opts=opts, console=console)
-            run.seconds += time.perf_counter() - start
+        for run in runs:
+            if run.beton is not None and "file" not in run.beton:
+                start = time.perf_counter()
+                _make_beton(run=run, out=out, shard_dir=shard_dir, opts=opts, bar=bar)
+                run.seconds += time.perf_counter() - start
     return runs
 
 
-def _make_shards(*, run: SplitRun, split: SplitScan, scan: SourceScan, shard_dir: Path, opts: Options,
+def _make_shards(*, run: SplitRun, split: SplitScan, scan: SourceScan, shard_dir: Path, opts: ConvertOptions,
                  pool: "_Pool", bar: Progress) -> None:
     shard_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(folder=shard_dir, split=run.name, keep=len(run.shard_plans))
@@ -211,37 +192,21 @@ def _make_shards(*, run: SplitRun, split: SplitScan, scan: SourceScan, shard_dir
     todo = [p for p in run.shard_plans if p.number not in records]
     total = sum(len(p.items) for p in todo)
     task = bar.add_task(f"{run.name}: clean shards", total=total)
+
+    def counted(result: Cleaned) -> None:
+        run.encoded += 1
+        if result.ok:
+            run.written += 1
+        else:
+            run.skipped_now += 1
+        bar.advance(task)
+
     if total:
         paths = [str(scan.source / cand.path) for plan in todo for _, cand in plan.items]
         stream = pool.clean(paths=paths, max_side=opts.max_side, quality=opts.quality)
         for plan in todo:
-            records[plan.number] = _write_shard(plan=plan, stream=stream, folder=shard_dir, run=run,
-                                                advance=lambda: bar.advance(task))
+            records[plan.number] = write_shard(plan=plan, cleaned=stream, folder=shard_dir, on_item=counted)
     run.shard_records = [records[p.number] for p in run.shard_plans]
-
-
-def _write_shard(*, plan: ShardPlan, stream: Iterator[Cleaned], folder: Path, run: SplitRun, advance) -> dict:
-    writer = ShardWriter(plan=plan, folder=folder)
-    try:
-        for key, cand in plan.items:
-            try:
-                cleaned = next(stream)
-            except BrokenProcessPool:
-                raise RunError(f"a decode worker died while converting {run.name} shard {plan.stem} "
-                               f"(near {cand.path}); rerun to resume") from None
-            if cleaned.ok:
-                writer.add(key=key, source=cand.path, label=cand.label, jpeg=cleaned.data,
-                           width=cleaned.width, height=cleaned.height, notes=cleaned.notes)
-                run.written += 1
-            else:
-                writer.skip(source=cand.path, kind=cleaned.kind, reason=cleaned.reason)
-                run.skipped_now += 1
-            run.encoded += 1
-            advance()
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish()
 
 
 def _beton_record_path(*, out: Path, split: str) -> Path:
@@ -249,17 +214,20 @@ def _beton_record_path(*, out: Path, split: str) -> Path:
 
 
 def _load_beton_record(*, out: Path, split: str, fp: str) -> dict | None:
-    try:
-        record = json.loads(_beton_record_path(out=out, split=split).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    """The .beton's record if the file on disk is the one it describes (size and sampled checksum)."""
+    record = read_json_marker(_beton_record_path(out=out, split=split))
+    if record is None or record.get("fingerprint") != fp or not isinstance(record.get("file"), dict):
         return None
     beton = out / f"{split}.beton"
-    if record.get("fingerprint") != fp or not beton.is_file() or beton.stat().st_size != record.get("bytes"):
+    try:
+        if beton.stat().st_size != record["file"].get("bytes") or file_digest(beton) != record["file"]:
+            return None
+    except OSError:
         return None
     return record
 
 
-def _make_beton(*, run: SplitRun, out: Path, shard_dir: Path, fp: str, opts: Options, console: Console) -> None:
+def _make_beton(*, run: SplitRun, out: Path, shard_dir: Path, opts: ConvertOptions, bar: Progress) -> None:
     from .ffcv_writer import CleanSamples, write_beton
 
     if run.summary["count"] == 0:
@@ -267,13 +235,12 @@ def _make_beton(*, run: SplitRun, out: Path, shard_dir: Path, fp: str, opts: Opt
     _beton_record_path(out=out, split=run.name).unlink(missing_ok=True)
     kept = [(p, r) for p, r in zip(run.shard_plans, run.shard_records) if r["count"]]
     samples = CleanSamples(tar_paths=[shard_dir / f"{p.stem}.tar" for p, _ in kept], records=[r for _, r in kept])
-    if opts.progress:
-        console.print(f"{run.name}: FFCV DatasetWriter -> {run.name}.beton ({len(samples)} images)")
     path = out / f"{run.name}.beton"
+    task = bar.add_task(f"{run.name}: write {path.name} ({opts.ffcv_mode})", total=len(samples))
     write_beton(path=path, samples=samples, write_mode=opts.ffcv_mode, max_side=opts.max_side,
-                quality=opts.quality, workers=opts.workers, progress=opts.progress)
-    record = {"fingerprint": fp, "bytes": path.stat().st_size, "summary": run.summary}
-    atomic_write_text(_beton_record_path(out=out, split=run.name), json.dumps(record, separators=(",", ":")))
+                threads=opts.processes, advance=lambda: bar.advance(task))
+    run.beton = {"fingerprint": run.beton["fingerprint"], "file": file_digest(path), "summary": run.summary}
+    write_text(_beton_record_path(out=out, split=run.name), json.dumps(run.beton, separators=(",", ":")))
     run.beton_written = True
 
 
@@ -291,21 +258,25 @@ def _summarise(*, split: SplitScan, records: list[dict], num_classes: int) -> di
             "repaired": dict(sorted(notes.items()))}
 
 
-def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: Options, limited: bool) -> dict:
-    splits, skipped = {}, []
+def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: ConvertOptions) -> dict:
+    splits, skipped, files = {}, [], {}
     for run in runs:
         s = run.summary
         entry: dict[str, Any] = {"count": s["count"], "label_counts": s["label_counts"]}
         if "ffcv" in opts.formats:
             entry["ffcv"] = {"file": f"{run.name}.beton", "write_mode": opts.ffcv_mode}
+            files[f"{run.name}.beton"] = run.beton["file"]
         if "dali" in opts.formats:
-            kept = [p.stem for p, r in zip(run.shard_plans, run.shard_records) if r["count"]]
-            entry["dali"] = {"format": "webdataset", "shards": [f"{DALI_DIR}/{k}.tar" for k in kept],
-                             "index": [f"{DALI_DIR}/{k}.idx" for k in kept], "ext": ["jpg", "cls"],
+            kept = [(p.stem, r) for p, r in zip(run.shard_plans, run.shard_records) if r["count"]]
+            entry["dali"] = {"format": "webdataset", "shards": [f"{DALI_DIR}/{k}.tar" for k, _ in kept],
+                             "index": [f"{DALI_DIR}/{k}.idx" for k, _ in kept], "ext": ["jpg", "cls"],
                              "file_lists": [f"{DALI_DIR}/{p.stem}.json" for p in run.shard_plans],
                              "shuffled": run.name == "train"}
+            for stem, record in kept:
+                files[f"{DALI_DIR}/{stem}.tar"] = record["tar"]
+                files[f"{DALI_DIR}/{stem}.idx"] = record["idx"]
         folder = scan.splits[run.name].folder
-        if folder is not None and not limited:
+        if folder is not None and opts.limit_per_class is None:
             entry["folder"] = folder
         entry["skipped_count"] = len(s["skipped"])
         entry["skipped_kinds"] = dict(sorted(Counter(x["kind"] for x in s["skipped"]).items()))
@@ -318,7 +289,7 @@ def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: Options, li
             "ffcv_mode": opts.ffcv_mode, "shard_size": opts.shard_size, "shuffle_seed": SHUFFLE_SEED,
             "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name, "description": c.description}
                         for c in scan.classes],
-            "splits": splits, "skipped": skipped}
+            "splits": splits, "skipped": skipped, FILES_KEY: files}
 
 
 def _same(old: dict, new: dict) -> bool:
@@ -327,7 +298,7 @@ def _same(old: dict, new: dict) -> bool:
 
 
 def _print_summary(*, console: Console, runs: list[SplitRun], out: Path) -> None:
-    table = Table(title=f"fastrefine convert -> {out}")
+    table = Table(title=Text(f"fastrefine convert -> {out}"))
     for col in ("split", "images", "decoded now", "skipped", "skip reasons", "seconds", "images/s"):
         table.add_column(col, justify="left" if col in ("split", "skip reasons") else "right")
     for run in runs:
@@ -358,6 +329,7 @@ class _Pool:
 
     def __exit__(self, *exc) -> None:
         if self._executor is not None:
+            # queued chunks are cancelled; running ones (at most 32 images each) are waited for
             self._executor.shutdown(wait=True, cancel_futures=True)
 
     def clean(self, *, paths: list[str], max_side: int, quality: int) -> Iterator[Cleaned]:
@@ -370,11 +342,19 @@ class _Pool:
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
         pending: deque = deque()
         for i in range(0, len(paths), chunk):
-            pending.append(self._executor.submit(clean_many, paths[i:i + chunk], max_side, quality))
+            pending.append((paths[i], self._executor.submit(clean_many, paths[i:i + chunk], max_side, quality)))
             if len(pending) >= self.workers * 4:
-                yield from pending.popleft().result()
+                yield from self._result(*pending.popleft())
         while pending:
-            yield from pending.popleft().result()
+            yield from self._result(*pending.popleft())
+
+    @staticmethod
+    def _result(first: str, future) -> list[Cleaned]:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise RunError(f"a decode worker died while converting the chunk starting at {first} "
+                           f"(killed, or out of memory); rerun to resume") from None
 
 
-__all__ = ["convert", "FORMATS", "FFCV_MODES", "PARTIAL"]
+__all__ = ["convert"]

@@ -1,73 +1,86 @@
-"""Write one split's `.beton` with FFCV's own DatasetWriter, fed from the already-clean shards.
+"""Write one split's `.beton` straight from the cleaned JPEG bytes in the shards: no second JPEG generation.
 
-FFCV never sees a source file: its workers index `CleanSamples`, which reads the JPEG bytes that the
-convert pool already produced (by byte offset inside the shard tars, so nothing is decoded twice from
-the source) and hands FFCV a uint8 HxWx3 RGB array and an int label. FFCV then stores each image raw
-or as JPEG according to `write_mode`.
+FFCV's own `DatasetWriter` wants pixels: fed from our shards, it would decode every cleaned JPEG and
+encode it again (twice the work, and a second generation of JPEG loss). This writer lays the records out
+exactly as FFCV 1.0.2's `DatasetWriter` with `{"image": RGBImageField(), "label": IntField()}` does, so
+that FFCV's `Reader`, `Loader` and stock decoders (`SimpleRGBImageDecoder`,
+`RandomResizedCropRGBImageDecoder`, `CenterCropRGBImageDecoder`) read it unchanged:
+
+    header (ffcv.types.HeaderType: version 2, 2 fields, page size, sample count, allocation table offset)
+    field descriptors (FieldDescType): type 2 "image" (RGBImageField), type 1 "label" (IntField)
+    metadata, one row per sample: image (mode u1: 0 jpg / 1 raw, width u2, height u2, data_ptr u8),
+                                  label (i8)
+    data pages from the first page boundary on: each record wholly inside one page; pages written whole
+    allocation table (sample_id, ptr, size) per image record, at the end
+
+A `jpg` record is the cleaned JPEG's bytes as they are in the shard; a `raw` record is that JPEG decoded
+by `ffcv.libffcv.imdecode`, the very call FFCV's decoders make for a `jpg` record, so both kinds decode to
+the same pixels, byte for byte, and so does the shard's JPEG decoded by FFCV. Raw records are decoded by
+a few threads (the C call releases the GIL); everything else is a copy. One process writes the file,
+through `fastrefine.checkpoint.atomic_write` (a temporary renamed into place when whole): there are no
+writer processes to wait for, and a full disk is a RunError naming the file.
 """
 
 from __future__ import annotations
 
-import _thread
-import io
-import multiprocessing
 import os
-import threading
-from contextlib import contextmanager, redirect_stderr
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
+from ..checkpoint import atomic_write
 from ..errors import RunError
-from .shards import PARTIAL
 
-WRITE_MODES = ("jpg", "proportion", "smart", "raw")
-_MIN_PAGE = 1 << 23       # FFCV's default page size (8 MiB)
+_MIN_PAGE = 1 << 23       # 8 MiB, FFCV's DatasetWriter default
+MODE_JPG, MODE_RAW = 0, 1   # ffcv.fields.rgb_image.IMAGE_MODES
+PROPORTION_SEED = 0
 
 
 class CleanSamples:
-    """A torch-style indexed dataset over JPEG bytes inside shard tars: `ds[i] -> (HxWx3 uint8, label)`."""
+    """Where each cleaned JPEG of a split lies: shard tar, byte offset and size, label, width, height."""
 
     def __init__(self, *, tar_paths: list[Path], records: list[dict[str, Any]]):
-        self.tar_paths = [str(p) for p in tar_paths]
-        shard, offset, size, label = [], [], [], []
+        self.tar_paths = [Path(p) for p in tar_paths]
+        cols: dict[str, list[int]] = {k: [] for k in ("shard", "offset", "size", "label", "width", "height")}
         for number, record in enumerate(records):
             for m in record["members"]:
-                shard.append(number)
-                offset.append(m["offset"])
-                size.append(m["bytes"])
-                label.append(m["label"])
-        self.shard = np.asarray(shard, dtype=np.int32)
-        self.offset = np.asarray(offset, dtype=np.int64)
-        self.size = np.asarray(size, dtype=np.int64)
-        self.label = np.asarray(label, dtype=np.int64)
-        self._fds: dict[tuple[int, int], int] = {}
-        self.failed = multiprocessing.get_context("fork").Event()   # shared with FFCV's forked workers     # (pid, shard) -> fd; pread keeps forked copies apart
+                cols["shard"].append(number)
+                cols["offset"].append(m["offset"])
+                cols["size"].append(m["bytes"])
+                cols["label"].append(m["label"])
+                cols["width"].append(m["width"])
+                cols["height"].append(m["height"])
+        self.shard = np.asarray(cols["shard"], dtype=np.int32)
+        self.offset = np.asarray(cols["offset"], dtype=np.int64)
+        self.size = np.asarray(cols["size"], dtype=np.int64)
+        self.label = np.asarray(cols["label"], dtype=np.int64)
+        self.width = np.asarray(cols["width"], dtype=np.int64)
+        self.height = np.asarray(cols["height"], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.label)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        shard = int(self.shard[i])
-        data = os.pread(self._fd(shard), int(self.size[i]), int(self.offset[i]))
+    def jpegs(self) -> Iterator[bytes]:
+        """Every cleaned JPEG in order, read by offset (one open file at a time)."""
+        fd, current = -1, -1
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except Exception as e:
-            self.failed.set()
-            raise RunError(f"{self.tar_paths[shard]}: sample {i} at byte {int(self.offset[i])} "
-                           f"is not the JPEG the shard record promised ({e})") from None
-        return np.ascontiguousarray(arr), int(self.label[i])
-
-    def _fd(self, shard: int) -> int:
-        key = (os.getpid(), shard)
-        fd = self._fds.get(key)
-        if fd is None:
-            fd = os.open(self.tar_paths[shard], os.O_RDONLY)
-            self._fds[key] = fd
-        return fd
+            for i in range(len(self)):
+                shard = int(self.shard[i])
+                if shard != current:
+                    if fd >= 0:
+                        os.close(fd)
+                    fd, current = os.open(self.tar_paths[shard], os.O_RDONLY), shard
+                data = os.pread(fd, int(self.size[i]), int(self.offset[i]))
+                if len(data) != int(self.size[i]) or data[:2] != b"\xff\xd8":
+                    raise RunError(f"{self.tar_paths[shard]}: sample {i} at byte {int(self.offset[i])} is not "
+                                   f"the JPEG its shard record promised; delete the shard's .json and rerun")
+                yield data
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def page_size_for(max_side: int) -> int:
@@ -79,65 +92,112 @@ def page_size_for(max_side: int) -> int:
     return page
 
 
-@contextmanager
-def _tqdm_silenced(silence: bool) -> Iterator[None]:
-    """FFCV draws its own tqdm bar on stderr; send it to /dev/null while FFCV writes, if asked."""
-    if not silence:
-        yield
+def record_modes(*, count: int, write_mode: str) -> np.ndarray:
+    """Per sample: MODE_JPG or MODE_RAW. `proportion` draws half and half with a fixed seed, so a
+    rewritten file is the same file."""
+    if write_mode == "jpg":
+        return np.full(count, MODE_JPG, dtype=np.uint8)
+    if write_mode in ("raw", "smart"):          # FFCV's smart without a threshold writes raw
+        return np.full(count, MODE_RAW, dtype=np.uint8)
+    if write_mode == "proportion":
+        draws = np.random.default_rng(PROPORTION_SEED).random(count)
+        return np.where(draws < 0.5, MODE_JPG, MODE_RAW).astype(np.uint8)
+    raise ValueError(f"write_mode {write_mode!r}")
+
+
+def decode_like_ffcv(jpeg: bytes, *, height: int, width: int) -> np.ndarray:
+    """`jpeg` decoded to uint8 HxWx3 by FFCV's own TurboJPEG call, with the arguments its decoders pass."""
+    from ffcv.libffcv import imdecode
+
+    src = np.frombuffer(jpeg, dtype=np.uint8)
+    dst = np.empty((height, width, 3), dtype=np.uint8)
+    if imdecode(src, dst, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
+        raise RunError(f"FFCV's JPEG decoder rejected a cleaned JPEG of {width}x{height}")
+    return dst
+
+
+def _payloads(*, samples: CleanSamples, modes: np.ndarray, threads: int) -> Iterator[bytes | np.ndarray]:
+    """Each record's payload in order: JPEG bytes, or the decoded pixels for raw records (decoded ahead
+    by `threads` threads, at most `8 * threads` in flight)."""
+    if not (modes == MODE_RAW).any():
+        yield from samples.jpegs()
         return
-    with open(os.devnull, "w") as null, redirect_stderr(null):
-        yield
+    window: deque = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="beton-decode") as pool:
+        for i, jpeg in enumerate(samples.jpegs()):
+            if modes[i] == MODE_RAW:
+                window.append(pool.submit(decode_like_ffcv, jpeg, height=int(samples.height[i]),
+                                          width=int(samples.width[i])))
+            else:
+                window.append(jpeg)
+            if len(window) >= 8 * threads:
+                head = window.popleft()
+                yield head if isinstance(head, bytes) else head.result()
+        while window:
+            head = window.popleft()
+            yield head if isinstance(head, bytes) else head.result()
 
 
-@contextmanager
-def _fail_if_a_worker_dies(*, path: Path, failed: Any) -> Iterator[None]:
-    """FFCV's DatasetWriter waits forever when one of its worker processes dies; turn that into RunError.
-
-    A watcher thread looks at `failed` (an Event the dataset sets before it raises) and at the child
-    processes it has seen; when one fails, it interrupts the waiting main thread, and the interrupt is
-    reported as a RunError naming the file.
-    """
-    known = {p.pid for p in multiprocessing.active_children()}
-    stop, died, seen = threading.Event(), [], {}
-
-    def watch() -> None:
-        while not stop.wait(0.1):
-            seen.update((c.pid, c) for c in multiprocessing.active_children() if c.pid not in known)
-            codes = [c.exitcode for c in seen.values() if c.exitcode not in (None, 0)]
-            if failed.is_set() or codes:
-                died.append(codes[0] if codes else "unknown")
-                _thread.interrupt_main()
-                return
-
-    watcher = threading.Thread(target=watch, name="ffcv-writer-watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    except KeyboardInterrupt:
-        if died:
-            raise RunError(f"{path}: an FFCV DatasetWriter worker failed (exit code {died[0]}, its error is "
-                           f"printed above unless progress is off); nothing was kept, rerun to retry") from None
-        raise
-    finally:
-        stop.set()
-        watcher.join()
-
-
-def write_beton(*, path: Path, samples: CleanSamples, write_mode: str, max_side: int, quality: int,
-                workers: int, progress: bool) -> None:
-    """Write `path` via `path.partial` and rename it into place only when FFCV has finished."""
+def write_beton(*, path: Path, samples: CleanSamples, write_mode: str, max_side: int, threads: int,
+                advance: Callable[[], None] = lambda: None) -> None:
+    """Write `path` (atomically) holding every sample of `samples`, image records per `write_mode`."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType,
+                            get_metadata_type)
 
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.unlink(missing_ok=True)
-    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_side, jpeg_quality=quality),
-              "label": IntField()}
-    writer = DatasetWriter(str(tmp), fields, page_size=page_size_for(max_side), num_workers=workers)
-    try:
-        with _tqdm_silenced(not progress), _fail_if_a_worker_dies(path=path, failed=samples.failed):
-            writer.from_indexed_dataset(samples, chunksize=max(1, min(100, len(samples) // max(1, workers))))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    count, page_size = len(samples), page_size_for(max_side)
+    fields = {"image": RGBImageField(), "label": IntField()}
+    type_ids = {cls: tid for tid, cls in TYPE_ID_HANDLER.items()}
+    descriptors = np.zeros(len(fields), dtype=FieldDescType)
+    for i, (name, field) in enumerate(fields.items()):
+        descriptors[i]["type_id"] = type_ids[type(field)]
+        encoded = np.frombuffer(name.encode("ascii"), dtype="<u1")
+        descriptors[i]["name"][:len(encoded)] = encoded
+        descriptors[i]["arguments"][:] = field.to_binary()[0]
+    metadata = np.zeros(count, dtype=get_metadata_type(list(fields.values())))
+    image_meta, label_meta = metadata["f0"], metadata["f1"]
+    modes = record_modes(count=count, write_mode=write_mode)
+    image_meta["mode"] = modes
+    image_meta["width"] = samples.width
+    image_meta["height"] = samples.height
+    label_meta[:] = samples.label
+    ptrs = np.zeros(count, dtype=np.uint64)
+    sizes = np.zeros(count, dtype=np.uint64)
+    metadata_start = HeaderType.itemsize + descriptors.nbytes
+    data_start = -(-(metadata_start + metadata.nbytes) // page_size) * page_size
+
+    def fill(fh) -> None:
+        header = np.zeros(1, dtype=HeaderType)[0]
+        header["version"], header["num_fields"] = CURRENT_VERSION, len(fields)
+        header["page_size"], header["num_samples"] = page_size, count
+        fh.write(header.tobytes())
+        fh.write(descriptors.tobytes())
+        fh.seek(data_start)                          # metadata is written at the end, when it is known
+        view, blank = memoryview(bytearray(page_size)), bytes(page_size)
+        page_number, used = 0, 0
+        for i, payload in enumerate(_payloads(samples=samples, modes=modes, threads=threads)):
+            data = payload if isinstance(payload, bytes) else payload.reshape(-1).data
+            size = len(data)
+            if size > page_size:
+                raise RunError(f"{path}: sample {i} needs {size} bytes, more than a page ({page_size})")
+            if used + size > page_size:              # the record must lie inside one page
+                fh.write(view)
+                view[:] = blank
+                page_number, used = page_number + 1, 0
+            view[used:used + size] = data
+            ptrs[i], sizes[i] = data_start + page_number * page_size + used, size
+            used += size
+            advance()
+        if count:
+            fh.write(view)                           # FFCV writes every page whole, the last one too
+        image_meta["data_ptr"] = ptrs
+        alloc = np.zeros(count, dtype=ALLOC_TABLE_TYPE)
+        alloc["sample_id"], alloc["ptr"], alloc["size"] = np.arange(count, dtype=np.uint64), ptrs, sizes
+        header["alloc_table_ptr"] = fh.tell()
+        fh.write(alloc.tobytes())
+        fh.seek(0)
+        fh.write(header.tobytes())
+        fh.seek(metadata_start)
+        fh.write(metadata.tobytes())
+
+    atomic_write(path, fill)

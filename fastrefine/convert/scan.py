@@ -9,7 +9,9 @@ Two source layouts, one code path:
 
 Class indices are the sorted class-folder names of ``train``; val uses the same map. Nothing here
 decodes an image: files whose *name* rules them out (hidden, not an image extension, outside a class
-folder, not in the CSV) are skipped here with a reason, everything else is a candidate for decoding.
+folder, not in the CSV) and entries that cannot even be looked at (a symlink loop, a folder without
+read permission: any OSError) are skipped here with a reason, everything else is a candidate for decoding.
+A train class folder without a single candidate is an error (it would be a class with no images).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def scan_source(*, src: Path, layout: str, splits: tuple[str, ...],
     scans = {}
     for split in splits:
         scan = _scan_split(src=src, image_root=image_root, split=split, by_wnid=by_wnid, layout=layout)
+        if split == "train":
+            _refuse_empty_classes(scan=scan, classes=classes, split_dir=image_root / split)
         scan = _limit(scan=scan, limit_per_class=limit_per_class)
         if not scan.candidates:
             raise UsageError(f"{image_root / split}: no image files found (skipped {len(scan.skipped)})")
@@ -111,14 +115,46 @@ def _sorted_entries(folder: Path) -> list[os.DirEntry]:
         return sorted(it, key=lambda e: e.name)
 
 
+def _split_entries(split_dir: Path) -> list[os.DirEntry]:
+    try:
+        return _sorted_entries(split_dir)
+    except OSError as e:
+        raise UsageError(f"{split_dir}: cannot be read ({e.strerror or e})") from None
+
+
+def _is_dir(entry: os.DirEntry) -> bool | OSError:
+    """entry.is_dir(), or the OSError that asking raised (a symlink loop, no permission)."""
+    try:
+        return entry.is_dir()
+    except OSError as e:
+        return e
+
+
+def _unreadable(rel: str, error: OSError) -> Skip:
+    return Skip(rel, "unreadable", f"cannot be read: {error.strerror or error}")
+
+
+def _refuse_empty_classes(*, scan: SplitScan, classes: list[ClassEntry], split_dir: Path) -> None:
+    """Every train class folder must hold at least one candidate image; else it is a silent extra class."""
+    having = {c.label for c in scan.candidates}
+    empty = [c.wnid for c in classes if c.index not in having]
+    if empty:
+        raise UsageError(f"{split_dir}: class folder(s) with no image files: {', '.join(empty[:10])}"
+                         + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
+                         + "; remove them or add images (each would be a class with no examples)")
+
+
 def _class_folders(*, split_dir: Path, src: Path) -> tuple[list[str], list[Skip]]:
     """Non-hidden sub-folders of `split_dir`, and the other entries there as skips."""
     names, skipped = [], []
-    for entry in _sorted_entries(split_dir):
-        if entry.name.startswith("."):
-            what = "folder" if entry.is_dir() else "file"
+    for entry in _split_entries(split_dir):
+        is_dir = _is_dir(entry)
+        if isinstance(is_dir, OSError):
+            skipped.append(_unreadable(_rel(entry.path, src), is_dir))
+        elif entry.name.startswith("."):
+            what = "folder" if is_dir else "file"
             skipped.append(Skip(_rel(entry.path, src), "hidden", f"hidden {what}"))
-        elif entry.is_dir():
+        elif is_dir:
             names.append(entry.name)
         else:
             skipped.append(Skip(_rel(entry.path, src), "outside-class-folder",
@@ -177,7 +213,12 @@ def _scan_class_folders(*, src: Path, split_dir: Path, split: str, folders: list
                          + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else ""))
     candidates, skipped = [], list(loose)
     for name in folders:
-        for entry in _sorted_entries(split_dir / name):
+        try:
+            entries = _sorted_entries(split_dir / name)
+        except OSError as e:
+            skipped.append(_unreadable(_rel(split_dir / name, src), e))
+            continue
+        for entry in entries:
             rel = _rel(entry.path, src)
             skip = _skip_by_name(entry=entry, rel=rel)
             if skip:
@@ -188,9 +229,12 @@ def _scan_class_folders(*, src: Path, split_dir: Path, split: str, folders: list
 
 
 def _skip_by_name(*, entry: os.DirEntry, rel: str) -> Skip | None:
+    is_dir = _is_dir(entry)
+    if isinstance(is_dir, OSError):
+        return _unreadable(rel, is_dir)
     if entry.name.startswith("."):
-        return Skip(rel, "hidden", "hidden file" if not entry.is_dir() else "hidden folder")
-    if entry.is_dir():
+        return Skip(rel, "hidden", "hidden file" if not is_dir else "hidden folder")
+    if is_dir:
         return Skip(rel, "nested-folder", "folder inside a class folder (not searched)")
     suffix = os.path.splitext(entry.name)[1].lower()
     if suffix not in IMAGE_EXTENSIONS:
@@ -223,7 +267,7 @@ def _scan_flat_csv(*, src: Path, split_dir: Path, split: str, csv_path: Path,
                    by_wnid: dict[str, int]) -> SplitScan:
     labels = _read_val_csv(csv_path=csv_path, by_wnid=by_wnid)
     candidates, skipped, seen = [], [], set()
-    for entry in _sorted_entries(split_dir):
+    for entry in _split_entries(split_dir):
         rel = _rel(entry.path, src)
         skip = _skip_by_name(entry=entry, rel=rel)
         if skip:

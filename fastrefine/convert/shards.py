@@ -1,35 +1,39 @@
 """Webdataset tar shards with DALI's index, and the small JSON record that proves a shard complete.
 
-A shard `{split}-{k:05d}` is three files, each written under a `.partial` name and renamed when whole:
+A shard `{split}-{k:05d}` is three files, each written atomically (`fastrefine.checkpoint.atomic_write`:
+a temporary beside it, renamed when whole):
 
 * `.tar`  plain ustar archive; per sample `{key}.jpg` (JPEG bytes) then `{key}.cls` (label, ASCII digits);
 * `.idx`  DALI's webdataset index (the format of DALI's `wds2idx` tool, version "v1.2"):
           first line `v1.2 <samples>`, then one line per sample listing, per component,
           `<ext> <data offset> <size> <member name>`;
-* `.json` the record, written last: fingerprint of the shard's inputs and settings, file sizes, and
-          the file list (key, label, size, source path, byte offset of the JPEG inside the tar) plus
-          the files of this shard that were skipped and why.
+* `.json` the record, written last: fingerprint of the shard's inputs and settings, size and sampled
+          checksum of the tar and the index (`fastrefine.manifest.file_digest`), and the file list (key,
+          label, size, source path, byte offset of the JPEG inside the tar) plus the files of this shard
+          that were skipped and why.
 
 A shard counts as done only when its record exists, its fingerprint matches and the tar and index
-have the sizes it records; anything else is redone.
+have the sizes and sampled checksums it records; anything else is redone.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+from ..checkpoint import atomic_write, write_text
+from ..manifest import file_digest
+from .imaging import Cleaned
 from .scan import Candidate
 
 INDEX_VERSION = "v1.2"
-PARTIAL = ".partial"
-RECORD_VERSION = 1
+PARTIAL = ".partial"          # the temporary suffix of older versions; leftovers are deleted
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -63,74 +67,70 @@ def plan_shards(*, split: str, candidates: list[Candidate], shard_size: int, set
     return plans
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + PARTIAL)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def write_shard(*, plan: ShardPlan, folder: Path, cleaned: Iterator[Cleaned],
+                on_item: Callable[[Cleaned], None]) -> dict[str, Any]:
+    """Write shard `plan` into `folder` from `cleaned` (one result per item of the plan, in order) and
+    return its record. A shard whose every file was bad has a record and no tar or index."""
+    tar_path, idx_path, record_path = (folder / f"{plan.stem}{ext}" for ext in (".tar", ".idx", ".json"))
+    for path in (record_path, tar_path, idx_path):          # a stale record must go first
+        path.unlink(missing_ok=True)
+    members: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    notes: dict[str, int] = {}
+    index_lines: list[str] = []
+
+    def fill(fh) -> None:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, cand in plan.items:
+                result = next(cleaned)
+                if result.ok:
+                    jpg = _add_member(tar, name=f"{key}.jpg", data=result.data)
+                    cls = _add_member(tar, name=f"{key}.cls", data=str(cand.label).encode("ascii"))
+                    index_lines.append(" ".join(f"{e} {o} {n} {m}" for e, o, n, m in (jpg, cls)))
+                    members.append({"key": key, "label": cand.label, "width": result.width,
+                                    "height": result.height, "offset": jpg[1], "bytes": jpg[2],
+                                    "source": cand.path})
+                    for note in result.notes:
+                        notes[note] = notes.get(note, 0) + 1
+                else:
+                    skipped.append({"path": cand.path, "reason": result.reason, "kind": result.kind})
+                on_item(result)
+
+    atomic_write(tar_path, fill)
+    record: dict[str, Any] = {"version": RECORD_VERSION, "fingerprint": plan.fingerprint,
+                              "count": len(members), "tar": None, "idx": None}
+    if members:
+        write_text(idx_path, f"{INDEX_VERSION} {len(members)}\n" + "".join(line + "\n" for line in index_lines))
+        record["tar"], record["idx"] = file_digest(tar_path), file_digest(idx_path)
+    else:
+        tar_path.unlink()
+    record.update(members=members, skipped=skipped, notes=notes)
+    write_text(record_path, json.dumps(record, separators=(",", ":")))
+    return record
 
 
-class ShardWriter:
-    """Writes one shard; `finish()` renames tar and index into place and writes the record last."""
+def _add_member(tar: tarfile.TarFile, *, name: str, data: bytes) -> tuple[str, int, int, str]:
+    info = tarfile.TarInfo(name=name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    tar.addfile(info, _Bytes(data))
+    # the data ends where the archive now ends, less the padding to a whole 512-byte block
+    padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return name.split(".", 1)[1], tar.offset - padded, len(data), name
 
-    def __init__(self, *, plan: ShardPlan, folder: Path):
-        self.plan = plan
-        self.tar_path = folder / f"{plan.stem}.tar"
-        self.idx_path = folder / f"{plan.stem}.idx"
-        self.record_path = folder / f"{plan.stem}.json"
-        for path in (self.record_path, self.tar_path, self.idx_path):   # a stale record must go first
-            path.unlink(missing_ok=True)
-        self._tmp = self.tar_path.with_name(self.tar_path.name + PARTIAL)
-        self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
-        self._index_lines: list[str] = []
-        self.members: list[dict[str, Any]] = []
-        self.skipped: list[dict[str, str]] = []
-        self.notes: dict[str, int] = {}
 
-    def add(self, *, key: str, source: str, label: int, jpeg: bytes, width: int, height: int,
-            notes: tuple[str, ...] = ()) -> None:
-        jpg = self._add_member(name=f"{key}.jpg", data=jpeg)
-        cls = self._add_member(name=f"{key}.cls", data=str(label).encode("ascii"))
-        self._index_lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in (jpg, cls)))
-        self.members.append({"key": key, "label": label, "width": width, "height": height,
-                             "offset": jpg[1], "bytes": jpg[2], "source": source})
-        for note in notes:
-            self.notes[note] = self.notes.get(note, 0) + 1
+class _Bytes:
+    """The one method tarfile reads member data with, without copying `data` into a BytesIO."""
 
-    def skip(self, *, source: str, kind: str, reason: str) -> None:
-        self.skipped.append({"path": source, "reason": reason, "kind": kind})
+    def __init__(self, data: bytes):
+        self._view, self._pos = memoryview(data), 0
 
-    def _add_member(self, *, name: str, data: bytes) -> tuple[str, int, int, str]:
-        info = tarfile.TarInfo(name=name)
-        info.size = len(data)
-        info.mode = 0o644
-        info.mtime = 0
-        self._tar.addfile(info, io.BytesIO(data))
-        # the data ends where the archive now ends, less the padding to a whole 512-byte block
-        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        return name.split(".", 1)[1], self._tar.offset - padded, len(data), name
-
-    def finish(self) -> dict[str, Any]:
-        self._tar.close()
-        tar_bytes = idx_bytes = 0
-        if self.members:
-            os.replace(self._tmp, self.tar_path)
-            atomic_write_text(self.idx_path, f"{INDEX_VERSION} {len(self.members)}\n"
-                              + "".join(line + "\n" for line in self._index_lines))
-            tar_bytes, idx_bytes = self.tar_path.stat().st_size, self.idx_path.stat().st_size
-        else:                                   # every file of this shard was bad: no tar, no index
-            self._tmp.unlink()
-        record = {"version": RECORD_VERSION, "fingerprint": self.plan.fingerprint, "count": len(self.members),
-                  "tar_bytes": tar_bytes, "idx_bytes": idx_bytes, "members": self.members,
-                  "skipped": self.skipped, "notes": self.notes}
-        atomic_write_text(self.record_path, json.dumps(record, separators=(",", ":")))
-        return record
-
-    def abort(self) -> None:
-        self._tar.close()
-        self._tmp.unlink(missing_ok=True)
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._pos + size
+        chunk = self._view[self._pos:end]
+        self._pos += len(chunk)
+        return chunk
 
 
 def load_complete_record(*, plan: ShardPlan, folder: Path) -> dict[str, Any] | None:
@@ -138,15 +138,19 @@ def load_complete_record(*, plan: ShardPlan, folder: Path) -> dict[str, Any] | N
     record_path = folder / f"{plan.stem}.json"
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if record.get("fingerprint") != plan.fingerprint or record.get("version") != RECORD_VERSION:
+    if not isinstance(record, dict) or record.get("fingerprint") != plan.fingerprint \
+            or record.get("version") != RECORD_VERSION:
         return None
     if record["count"] == 0:
         return record
-    for suffix, key in ((".tar", "tar_bytes"), (".idx", "idx_bytes")):
+    for suffix, key in ((".tar", "tar"), (".idx", "idx")):
         path = folder / f"{plan.stem}{suffix}"
-        if not path.is_file() or path.stat().st_size != record[key]:
+        try:
+            if path.stat().st_size != record[key]["bytes"] or file_digest(path) != record[key]:
+                return None
+        except OSError:
             return None
     return record
 
