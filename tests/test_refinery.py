@@ -143,3 +143,47 @@ def test_batch_mode_refinery_never_folds():
     net = _bn_net()
     ref = Refinery(net, bn="batch")
     assert ref.model is net and "kept" in ref.note
+
+
+def _real_crops(demo_tree, n: int = 6) -> torch.Tensor:
+    """n real Fashion-MNIST photos at 32 px, normalised as the loaders do, channels-last."""
+    import numpy as np
+    from PIL import Image
+
+    from fastrefine.loaders import IMAGENET_MEAN, IMAGENET_STD
+    files = sorted((demo_tree / "train").glob("*/*"))[::40][:n]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]) / 255
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("resolution", [48, 16])
+def test_refinery_resolution_is_the_model_on_the_resized_crop(demo_tree, resolution):
+    torch.manual_seed(0)
+    model = create_model("small_resnet", num_classes=10).eval().to(memory_format=torch.channels_last)
+    x = _real_crops(demo_tree)
+    ref = Refinery(copy.deepcopy(model), fold_bn=False, resolution=resolution)
+    resized = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    with torch.inference_mode():
+        want = F.softmax(model(resized), dim=1)
+        unresized = F.softmax(model(x), dim=1)
+    got = ref(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, unresized, atol=1e-3)  # the refinery really saw another size
+    seen = ref.resize(x)
+    assert seen.shape[-2:] == (resolution, resolution) and seen.is_contiguous(memory_format=torch.channels_last)
+    if resolution < 32:  # shrinking is antialiased (a plain bilinear shrink skips pixels)
+        plain = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        assert not torch.allclose(seen, plain, atol=1e-3)
+    # bf16 crops (what the loaders hand over under autocast): resized in fp32, handed on in bf16
+    xb = x.to(torch.bfloat16)
+    assert ref.resize(xb).dtype == torch.bfloat16
+    assert torch.equal(ref.resize(xb), F.interpolate(xb.float(), size=(resolution, resolution), mode="bilinear",
+                                                     align_corners=False, antialias=True).to(torch.bfloat16))
+
+
+def test_refinery_without_resolution_or_at_the_crop_size_sees_the_crop_itself(demo_tree):
+    x = _real_crops(demo_tree)
+    for resolution in (None, 32):
+        ref = Refinery(create_model("tiny_cnn", num_classes=10), resolution=resolution)
+        assert ref.resize(x) is x
