@@ -1,95 +1,48 @@
-"""NVIDIA DALI backend: one pipeline definition, GPU decode (nvJPEG) with CUDA, CPU-only mode without.
+"""NVIDIA DALI backend: GPU decode (nvJPEG, "mixed") with CUDA, every op on the CPU without.
 
-Data: the converter's webdataset shards (`manifest.json` -> `dali_shards(split)`: `{key}.jpg` plus
-`{key}.cls` holding the class index as ASCII digits), or, with no manifest, a plain ImageFolder tree
-(`DATA/SPLIT/class/*.jpg` or `DATA/class/*.jpg`) read with DALI's file reader.
+Data: `samples.SampleTable`: the converter's webdataset shards (JPEG bytes by offset, found through
+DALI's index file beside each tar; labels from the `.cls` members, ASCII digits decoded on purpose by
+`ascii_labels`), or, with no manifest, an ImageFolder tree. The loader feeds DALI itself through
+`fn.external_source`: per batch the encoded bytes, the labels and (train) each image's crop box and flip.
 
-Epochs: DALI's reader keeps its random state inside the running pipeline, so an epoch's order could
-not be reproduced from (seed, epoch). The loader therefore builds a fresh pipeline at the start of every
-epoch, seeded from (seed, epoch, rank), and drops it when the epoch ends: the same epoch gives the same
-order, a new epoch a new one, and `set_resolution` takes effect at the next epoch for free.
+Order: every epoch one permutation of all N images from (seed, epoch); rank r reads positions r, r+W,
+... cut to N // W (disjoint ranks, equal step counts, a different share each epoch). Val: rank r reads
+r, r+W, ... in order, a short last batch, every image once across ranks. Crop boxes and flips are drawn
+per (seed, epoch, sample) on the host (`samples.crop_for`, the torch loader's draw), from the JPEG
+header's size, and handed to `fn.decoders.image_slice` (ROI decode) as absolute pixels: an epoch is the
+same whatever happened before it, so a resumed run replays it exactly.
 
-Sharding: the reader splits the N samples into `world_size` contiguous shards of floor/ceil(N/W)
-samples (`stick_to_shard=True`, so a rank never wanders to another shard). Train yields
-floor(floor(N/W) / batch) full batches on every rank (equal counts, so DDP never waits for a rank
-that ran dry). Val yields exactly the rank's shard: the reader runs with `pad_last_batch=False`
-(samples past the shard's end wrap round to its start) and the loader trims the last batch to the
-shard size itself, so across ranks every image is seen once.
+Pipelines: one per resolution, built lazily at the first epoch that needs it and reset between epochs
+(never rebuilt: DALI's memory pools never shrink, and a pipeline built per epoch ran GPUs out of memory
+after a few epochs, NVIDIA/DALI issues 5087 and 5609). A resolution change builds one for the new size
+and drops the old one, then `nvidia.dali.backend.ReleaseUnusedMemory()`; `close()` drops everything.
+An epoch abandoned early (max steps, bench, `next(iter(...))`) stops the feed and drains the few
+batches DALI had prefetched before the pipeline is reset.
+
+Output: `crop_mirror_normalize` computes (x - mean) / std in fp32 and writes fp16 itself or fp32
+(bf16: the fp32 batch cast once in torch; DALI has no bf16), as HWC: the NHWC batch viewed as NCHW is
+channels_last with no copy.
 """
 
 from __future__ import annotations
 
+import collections
+import gc
 import logging
-import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from fastrefine.errors import RunError, UsageError
-from fastrefine.manifest import MANIFEST_NAME, read_manifest
 
 from .base import LoaderBase, LoaderOptions
+from .samples import SampleTable, ascii_labels, crop_for, epoch_batches, image_size, sample_table, samples_per_rank
+
+__all__ = ["DaliLoader", "ascii_labels", "dali_error_line"]
 
 log = logging.getLogger("fastrefine.loaders.dali")
-
-READER_NAME = "reader"
-MAX_LABEL_DIGITS = 19  # int64 holds any 18-digit number
-
-
-@dataclass(frozen=True)
-class DaliSource:
-    """What the reader reads: webdataset shards (label bytes) or an ImageFolder root (label ints)."""
-
-    kind: str  # "webdataset" | "folder"
-    count: int  # images in the split (all ranks); -1 for folder until the reader says
-    shards: tuple[str, ...] = ()
-    index: tuple[str, ...] = ()
-    root: str = ""
-
-
-def find_source(data: Path, split: str) -> DaliSource:
-    """Resolve the split's files: the manifest's webdataset shards, else an ImageFolder tree."""
-    if (data / MANIFEST_NAME).is_file():
-        manifest = read_manifest(data)
-        shards, index = manifest.dali_shards(split)
-        for p in (*shards, *index):
-            if not p.is_file():
-                raise UsageError(f"{data / MANIFEST_NAME}: split {split!r} lists {p}, which does not exist")
-        return DaliSource("webdataset", manifest.count(split),
-                          tuple(map(str, shards)), tuple(map(str, index)))
-    root = data / split if (data / split).is_dir() else data
-    if not any(p.is_dir() for p in root.iterdir()):
-        raise UsageError(f"{data}: neither a converted dataset ({MANIFEST_NAME}) nor an ImageFolder "
-                         f"tree (no class folders in {root})")
-    return DaliSource("folder", -1, root=str(root))
-
-
-def check_label_entry(shard: str) -> None:
-    """Read the first `.cls` member of a shard and check it holds ASCII digits, naming the file if not."""
-    with tarfile.open(shard) as tf:
-        for member in tf:
-            if member.name.endswith(".cls"):
-                raw = tf.extractfile(member).read().strip()
-                if not raw.isdigit() or len(raw) > MAX_LABEL_DIGITS:
-                    raise UsageError(f"{shard}: {member.name} holds {raw[:20]!r}, expected the class "
-                                     f"index as ASCII digits")
-                return
-    raise UsageError(f"{shard}: no .cls member (labels) in the shard")
-
-
-def ascii_labels(raw: torch.Tensor) -> torch.Tensor:
-    """(B, L) uint8 rows of ASCII digits, zero-padded on the right (by DALI's pad) -> (B,) int64.
-
-    Bytes outside '0'..'9' (padding, a trailing newline) are ignored. Runs where `raw` is, no sync.
-    """
-    raw = raw.to(torch.int64)
-    is_digit = (raw >= 48) & (raw <= 57)
-    digits = torch.where(is_digit, raw - 48, torch.zeros_like(raw))
-    # place value of digit i = 10 ** (number of digits after it in the row)
-    after = is_digit.flip(1).cumsum(1).flip(1) - is_digit.long()
-    return (digits * torch.pow(10, after)).sum(1)
 
 
 def dali_dtype(dtype: torch.dtype):
@@ -98,12 +51,68 @@ def dali_dtype(dtype: torch.dtype):
     return types.FLOAT16 if dtype == torch.float16 else types.FLOAT
 
 
-def epoch_seed(*, seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**31 - 1)
+def dali_error_line(error: BaseException) -> str:
+    """DALI's message cut to one plain line: its first line that says something (DALI prefixes
+    source locations in square brackets; they are kept as text, the caller prints plain text)."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line and not line.lower().startswith(("current pipeline object", "stacktrace")):
+            return line[:400]
+    return type(error).__name__
 
 
-def make_pipeline(*, source: DaliSource, opts: LoaderOptions, resolution: int, seed: int,
-                  device_id: int | None, shuffle_buffer: int, prefetch: int):
+class EpochFeed:
+    """The external source's callable: hands DALI the epoch's batches in order, then StopIteration.
+
+    Remembers the batches DALI has taken but not yet returned (`pending`), so an error names the
+    files of the batch it was working on."""
+
+    def __init__(self, table: SampleTable, opts: LoaderOptions):
+        self.table, self.opts = table, opts
+        self.batches: collections.deque = collections.deque()
+        self.pending: collections.deque = collections.deque()
+        self.epoch = 0
+
+    def start(self, batches: list[np.ndarray], epoch: int) -> None:
+        self.batches, self.epoch = collections.deque(batches), epoch
+        self.pending.clear()
+
+    def stop(self) -> None:
+        self.batches.clear()
+
+    def __call__(self):
+        if not self.batches:
+            raise StopIteration
+        idx = self.batches.popleft()
+        self.pending.append(idx)
+        t, o = self.table, self.opts
+        blobs = [t.read(int(i)) for i in idx]
+        labels = [np.array([t.labels[i]], dtype=np.int64) for i in idx]
+        if not o.train:
+            return blobs, labels
+        anchors, shapes, mirror = [], [], []
+        for i, blob in zip(idx, blobs):
+            width, height = image_size(blob, t.where(int(i)))
+            (top, left, h, w), flip = crop_for(o, epoch=self.epoch, index=int(i), width=width, height=height)
+            anchors.append(np.array([left, top], dtype=np.int32))
+            shapes.append(np.array([w, h], dtype=np.int32))
+            mirror.append(np.array(int(flip), dtype=np.int32))
+        return blobs, labels, anchors, shapes, mirror
+
+
+def decoder_options(*, device_id: int | None, hw_decoder_load: float, preallocate_width_hint: int,
+                    preallocate_height_hint: int, device_memory_padding: int, host_memory_padding: int) -> dict:
+    """nvJPEG's tuning arguments of DALI's decoders; they apply to the "mixed" backend only, so none
+    are passed on the CPU."""
+    if device_id is None:
+        return {}
+    return dict(hw_decoder_load=hw_decoder_load, preallocate_width_hint=preallocate_width_hint,
+                preallocate_height_hint=preallocate_height_hint, device_memory_padding=device_memory_padding,
+                host_memory_padding=host_memory_padding)
+
+
+def make_pipeline(*, feed: EpochFeed, opts: LoaderOptions, resolution: int, device_id: int | None,
+                  prefetch: int, decoder: dict):
     """The one pipeline definition. `device_id=None` runs every op on the CPU; otherwise the decoder
     is "mixed" (nvJPEG) and everything after it runs on the GPU."""
     from nvidia.dali import fn, pipeline_def, types
@@ -113,28 +122,25 @@ def make_pipeline(*, source: DaliSource, opts: LoaderOptions, resolution: int, s
     std = [s * 255 for s in opts.std]
 
     @pipeline_def(batch_size=opts.batch_size, num_threads=max(1, opts.workers), device_id=device_id,
-                  seed=seed, prefetch_queue_depth=prefetch)
+                  seed=(opts.seed * 1_000_003 + opts.rank) % (2**31 - 1), prefetch_queue_depth=prefetch)
     def image_pipeline():
-        shard = dict(shard_id=opts.rank, num_shards=opts.world_size, random_shuffle=opts.do_shuffle,
-                     initial_fill=shuffle_buffer, pad_last_batch=False, stick_to_shard=True,
-                     name=READER_NAME)
-        if source.kind == "webdataset":
-            jpegs, labels = fn.readers.webdataset(paths=list(source.shards), index_paths=list(source.index),
-                                                  ext=["jpg", "cls"], missing_component_behavior="error",
-                                                  **shard)
-            labels = fn.pad(labels, axes=(0,), fill_value=0)  # ragged ASCII digits -> one (B, L) array
-        else:
-            jpegs, labels = fn.readers.file(file_root=source.root, **shard)
         if opts.train:
-            images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
-                                                   random_area=list(opts.scale),
-                                                   random_aspect_ratio=list(opts.ratio), num_attempts=10)
+            jpegs, labels, anchor, shape, mirror = fn.external_source(
+                source=feed, num_outputs=5, batch=True,
+                dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
+            # EXIF orientation is not applied: the boxes were drawn on the image as stored (the
+            # converter has already applied it to converted data)
+            images = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device,
+                                             output_type=types.RGB, axis_names="WH",
+                                             adjust_orientation=False, **decoder)
             images = fn.resize(images, resize_x=resolution, resize_y=resolution,
                                interp_type=types.INTERP_LINEAR, antialias=True)
-            mirror = fn.random.coin_flip(probability=opts.flip_prob) if opts.flip else 0
             crop = {}
         else:
-            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+            jpegs, labels = fn.external_source(source=feed, num_outputs=2, batch=True,
+                                               dtype=[types.UINT8, types.INT64])
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
+                                       adjust_orientation=False, **decoder)
             images = fn.resize(images, resize_shorter=int(round(resolution / opts.val_crop_ratio)),
                                interp_type=types.INTERP_LINEAR, antialias=True)
             mirror = 0
@@ -149,107 +155,161 @@ def make_pipeline(*, source: DaliSource, opts: LoaderOptions, resolution: int, s
     return image_pipeline()
 
 
+def _release_unused_memory() -> None:
+    try:
+        from nvidia.dali import backend
+    except ImportError:
+        return
+    release = getattr(backend, "ReleaseUnusedMemory", None)
+    if release is not None:
+        release()
+
+
 class DaliLoader(LoaderBase):
-    """BatchLoader over DALI. Extra keyword options: `shuffle_buffer` (reader's shuffle buffer, in
-    samples; the webdataset reader shuffles only inside it), `prefetch` (DALI's queue depth)."""
+    """BatchLoader over DALI. Keyword options (`DaliOptions`): `prefetch` (DALI's queue depth) and,
+    used only with a GPU, nvJPEG's `hw_decoder_load`, `preallocate_width_hint`,
+    `preallocate_height_hint`, `device_memory_padding`, `host_memory_padding`."""
 
     backend = "dali"
     normalize_on = "device"  # crop_mirror_normalize, on the GPU with CUDA, in DALI's CPU ops without
 
-    def __init__(self, data: Path, opts: LoaderOptions, *, shuffle_buffer: int = 4096, prefetch: int = 2):
+    def __init__(self, data: Path, opts: LoaderOptions, *, prefetch: int = 2, hw_decoder_load: float = 0.65,
+                 preallocate_width_hint: int = 0, preallocate_height_hint: int = 0,
+                 device_memory_padding: int = 16 * 2**20, host_memory_padding: int = 8 * 2**20):
         if opts.device.type not in ("cpu", "cuda"):
             raise UsageError(f"DALI loader: device {opts.device} is neither cpu nor cuda")
         if not 0 <= opts.rank < opts.world_size:
             raise UsageError(f"DALI loader: rank {opts.rank} is outside world_size {opts.world_size}")
+        if prefetch < 1:
+            raise UsageError(f"loader.dali.prefetch must be at least 1, got {prefetch}")
+        if not 0.0 <= hw_decoder_load <= 1.0:
+            raise UsageError(f"loader.dali.hw_decoder_load must be within [0, 1], got {hw_decoder_load}")
         self.opts = opts
         self.data = Path(data)
         self.batch_size = opts.batch_size
         self.resolution = opts.resolution
-        self.shuffle_buffer = shuffle_buffer
         self.prefetch = prefetch
         self.device_id = None if opts.device.type == "cpu" else (
             opts.device.index if opts.device.index is not None else torch.cuda.current_device())
-        self.source = find_source(self.data, opts.split)
-        if self.source.kind == "webdataset":
-            check_label_entry(self.source.shards[0])
-        self.epoch = 0
-        self._pipe = self._build()  # also tells the file reader's size; reused by the first epoch
-        total = self._pipe.reader_meta(READER_NAME)["epoch_size"]
-        if self.source.kind == "webdataset" and total != self.source.count:
-            raise RunError(f"{self.data / MANIFEST_NAME}: split {opts.split!r} says {self.source.count} "
-                           f"images, DALI's reader found {total} in the shards")
-        self.total = int(total)
+        self.decoder = decoder_options(device_id=self.device_id, hw_decoder_load=hw_decoder_load,
+                                       preallocate_width_hint=preallocate_width_hint,
+                                       preallocate_height_hint=preallocate_height_hint,
+                                       device_memory_padding=device_memory_padding,
+                                       host_memory_padding=host_memory_padding)
+        self.table = sample_table(self.data, opts.split)
+        self.total = len(self.table)
         if self.total < opts.world_size:
             raise UsageError(f"{self.data}: split {opts.split!r} has {self.total} images, fewer than "
                              f"world_size {opts.world_size}")
+        self.feed = EpochFeed(self.table, opts)
+        self.epoch = 0
+        self._pipes: dict[int, object] = {}  # resolution -> built pipeline (at most one)
+        self.builds = 0                      # pipelines built so far (tests and logs)
 
     # -- sizes ---------------------------------------------------------------------------------
-    def _shard_size(self, rank: int) -> int:
-        n, w = self.total, self.opts.world_size
-        return (rank + 1) * n // w - rank * n // w
-
     @property
     def num_samples(self) -> int:
-        if self.opts.do_drop_last:
-            return len(self) * self.batch_size
-        return self._shard_size(self.opts.rank)
+        return samples_per_rank(self.total, self.opts)
 
     def __len__(self) -> int:
-        if self.opts.do_drop_last:  # the smallest shard decides, so every rank runs as many steps
-            return (self.total // self.opts.world_size) // self.batch_size
-        return -(-self._shard_size(self.opts.rank) // self.batch_size)
+        return -(-self.num_samples // self.batch_size)
 
-    # -- epochs and resolution -----------------------------------------------------------------
+    # -- epochs, resolution, pipelines ---------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._pipe = None
+        self.epoch = epoch
 
     def set_resolution(self, resolution: int) -> None:
         if resolution < 1:
             raise UsageError(f"DALI loader: resolution must be positive, got {resolution}")
-        if resolution != self.resolution:
-            self.resolution = resolution
-            self._pipe = None
+        self.resolution = resolution  # the pipeline for it is built at the next epoch
 
-    def _build(self):
-        seed = epoch_seed(seed=self.opts.seed, epoch=self.epoch, rank=self.opts.rank)
-        pipe = make_pipeline(source=self.source, opts=self.opts, resolution=self.resolution, seed=seed,
-                             device_id=self.device_id, shuffle_buffer=self.shuffle_buffer,
-                             prefetch=self.prefetch)
+    def _pipeline(self):
+        pipe = self._pipes.get(self.resolution)
+        if pipe is not None:
+            return pipe
+        if self._pipes:               # progressive resizing moved on: the old size is never read again
+            self._drop_pipelines()
+        pipe = make_pipeline(feed=self.feed, opts=self.opts, resolution=self.resolution,
+                             device_id=self.device_id, prefetch=self.prefetch, decoder=self.decoder)
         try:
             pipe.build()
         except RuntimeError as e:
-            raise RunError(f"DALI could not build its pipeline for {self.data} ({self.opts.split}): {e}") from e
+            raise RunError(f"{self.data}: DALI could not build its {self.opts.split} pipeline: "
+                           f"{dali_error_line(e)}") from None
+        self.builds += 1
+        self._pipes[self.resolution] = pipe
         return pipe
+
+    def _drop_pipelines(self) -> None:
+        self._pipes.clear()
+        gc.collect()                  # the pipeline's memory is freed when its Python object goes
+        if self.device_id is not None:
+            _release_unused_memory()
+
+    def close(self) -> None:
+        self.feed.stop()
+        self._drop_pipelines()
+        self.table.close()
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        pipe = self._pipe if self._pipe is not None else self._build()
-        self._pipe = None  # an epoch's pipeline is used once; the next __iter__ builds a fresh one
-        it = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER_NAME,
-                                 last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
-        remaining = self.num_samples
+        pipe = self._pipeline()
+        batches = epoch_batches(self.total, self.opts, self.epoch)
+        self.feed.start(batches, self.epoch)
         try:
-            for _, out in zip(range(len(self)), it):
-                images, labels = out[0]["images"], out[0]["labels"]
-                take = min(remaining, images.shape[0])
-                remaining -= take
-                yield self._finish(images[:take], labels[:take])
+            for _ in range(len(batches)):
+                out = self._run(pipe)
+                self.feed.pending.popleft()
+                yield self._finish(*out)
         finally:
-            del it, pipe
+            self.feed.stop()          # an abandoned epoch: no new batches, drain what DALI prefetched
+            try:
+                while True:
+                    self._run(pipe)
+            except StopIteration:
+                pass
+            pipe.reset()
 
-    def _finish(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """NHWC DALI batch -> NCHW channels_last view in opts.dtype on opts.device; labels int64."""
-        images = images.permute(0, 3, 1, 2)
-        if images.dtype != self.opts.dtype:
-            images = images.to(self.opts.dtype, memory_format=torch.channels_last)
+    def _run(self, pipe):
+        try:
+            return pipe.run()
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            self.feed.stop()
+            files = self._batch_files()
+            raise RunError(f"{files}: DALI failed on a {self.opts.split} batch read from it: "
+                           f"{dali_error_line(e)}") from None
+
+    def _batch_files(self) -> str:
+        """The file (the bad image when PIL can tell which) of the batch DALI was working on."""
+        if not self.feed.pending:
+            return str(self.data)
+        idx = [int(i) for i in self.feed.pending[0]]
+        import io
+        from PIL import Image
+        for i in idx:
+            try:
+                with Image.open(io.BytesIO(self.table.read(i).tobytes())) as im:
+                    im.load()
+            except Exception:
+                return self.table.where(i)
+        names = sorted({self.table.files[self.table.file_id[i]] for i in idx})
+        return names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more shard(s))"
+
+    def _finish(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """DALI outputs -> NCHW channels_last images in opts.dtype on opts.device; labels int64."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        stream = torch.cuda.current_stream(self.opts.device) if self.device_id is not None else None
+
+        def as_torch(tl):
+            t = tl.as_tensor()
+            dst = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.opts.device)
+            return feed_ndarray(t, dst, cuda_stream=stream)
+
+        x = as_torch(images).permute(0, 3, 1, 2)  # NHWC -> NCHW view: channels_last
+        if x.dtype != self.opts.dtype:
+            x = x.to(self.opts.dtype)             # bf16: the fp32 result rounded once
         if not self.opts.channels_last:
-            images = images.contiguous()
-        if self.source.kind == "webdataset":
-            labels = ascii_labels(labels)
-        labels = labels.reshape(-1).to(self.opts.device, torch.int64, non_blocking=True)
-        return images.to(self.opts.device, non_blocking=True), labels
+            x = x.contiguous()
+        return x, as_torch(labels).reshape(-1)

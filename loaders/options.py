@@ -26,13 +26,25 @@ class FfcvOptions:
 
 @dataclass(frozen=True)
 class DaliOptions:
-    prefetch: int = _opt(2, lo=1, doc="DALI's prefetch queue depth")
-    hw_decoder_load: float = _opt(0.65, lo=0.0, hi=1.0, doc="GPU mixed decode: share of images for the hardware JPEG decoder (A100/H100)")
+    prefetch: int = _opt(2, lo=1, doc="DALI's prefetch queue depth (batches)")
+    hw_decoder_load: float = _opt(
+        0.65, lo=0.0, hi=1.0,
+        doc="GPU only: share of the JPEG data for the hardware decoder (A100/H100/H200; DALI's default 0.65)")
+    preallocate_width_hint: int = _opt(
+        0, lo=0, doc="GPU only: image width for which nvJPEG's hardware decoder preallocates (0: none)")
+    preallocate_height_hint: int = _opt(
+        0, lo=0, doc="GPU only: image height for which nvJPEG's hardware decoder preallocates (0: none)")
+    device_memory_padding: int = _opt(
+        16 * 2**20, lo=0, doc="GPU only: bytes of nvJPEG device buffer preallocated per thread (DALI's default 16 MiB)")
+    host_memory_padding: int = _opt(
+        8 * 2**20, lo=0, doc="GPU only: bytes of nvJPEG pinned host buffer preallocated per thread, twice (DALI's default 8 MiB)")
 
 
 @dataclass(frozen=True)
 class TorchOptions:
-    pass
+    decode: Literal["auto", "host", "device"] = _opt(
+        "auto", doc="host: PIL in DataLoader workers; device: batched decode_jpeg (nvJPEG on CUDA) and "
+                    "crop/resize/flip/normalise on the device; auto: device on CUDA, host otherwise")
 
 
 def as_kwargs(options) -> dict:

@@ -1,133 +1,108 @@
-"""The plain reference loader: torchvision ImageFolder + DataLoader, PIL decode on host workers.
+"""The plain reference loader (torch DataLoader), with two decode modes.
 
-Augmentation parameters come from a per-sample RNG seeded by (seed, epoch, index), so an epoch is
-the same whatever the number of workers, and a resumed run replays it exactly.
+Data: on a converted dataset, the converter's webdataset shards (JPEG bytes read by offset from the
+tars, labels from each `.cls` member: `samples.SampleTable`); the original source folder is never read
+(it holds files the converter skipped). Without a manifest, a plain ImageFolder tree.
+
+* `decode="host"`: DataLoader workers decode with PIL and crop/resize (`resized_crop`, antialiased
+  bilinear), the uint8 batch goes to the device and is normalised there in fp32 and cast once.
+* `decode="device"`: workers only read bytes; the batch is decoded with `torchvision.io.decode_jpeg(
+  list, device=...)` (nvJPEG on CUDA) and cropped, resized, flipped and normalised for the whole batch
+  on the device (`gpu_decode.py`). The same code runs on the CPU, where CI tests it against the host
+  path. `decode="auto"`: device on CUDA, host otherwise.
+
+Augmentation parameters come from a per-sample RNG seeded by (seed, epoch, index) in both modes, so an
+epoch is the same whatever the number of workers, and a resumed run replays it exactly. Order: one
+permutation of all images per (seed, epoch), rank r taking r, r+W, ... (`samples.rank_order`).
 """
 
 from __future__ import annotations
 
+import io
 import math
-import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from fastrefine.errors import UsageError
+from fastrefine.errors import RunError, UsageError
 
-from .base import LoaderBase, LoaderOptions, mean_std_tensors, shard_indices
+from . import gpu_decode
+from .base import LoaderBase, LoaderOptions
+from .samples import SampleTable, crop_for, epoch_batches, sample_crop, sample_table, samples_per_rank
 
+__all__ = ["TorchLoader", "sample_crop", "DECODE_MODES"]
 
-def _resolve_folder(data: Path, split: str) -> tuple[Path, list[str] | None]:
-    """The ImageFolder root of `split` and, for a converted dataset, its class order (wnids)."""
-    manifest = data / "manifest.json"
-    if manifest.is_file():
-        from fastrefine.manifest import read_manifest
-        m = read_manifest(data)
-        folder = m.folder(split)
-        if folder is None:
-            source = Path(m.raw.get("source", ""))
-            folder = source / split
-        if not folder.is_dir():
-            raise UsageError(f"torch backend needs an ImageFolder tree for {split!r}; {folder} is not a "
-                             f"folder (the Kaggle flat val layout is read by the dali/ffcv backends only)")
-        return folder, [c.wnid for c in m.classes]
-    folder = data / split
-    if not folder.is_dir():
-        raise UsageError(f"{data}: no manifest.json and no {split}/ class folders")
-    return folder, None
+DECODE_MODES = ("auto", "host", "device")
 
 
-def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (top, left, h, w): 10 tries at area/aspect, else the central crop."""
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+class _Samples(Dataset):
+    """Index -> (uint8 CHW image, label) decoded on the host, or (encoded bytes, label, index)."""
 
-
-class _Folder(Dataset):
-    def __init__(self, root: Path, classes: list[str] | None, opts: LoaderOptions):
-        found = sorted(d.name for d in root.iterdir() if d.is_dir())
-        classes = classes if classes is not None else found
-        missing = sorted(set(found) - set(classes))
-        if missing:
-            raise UsageError(f"{root}: class folders {missing[:5]} are not in the dataset's class list")
-        self.class_to_idx = {c: i for i, c in enumerate(classes)}
-        self.samples = make_dataset(str(root), self.class_to_idx, extensions=IMG_EXTENSIONS,
-                                    allow_empty=True)
-        if not self.samples:
-            raise UsageError(f"{root}: no images found")
-        self.opts = opts
+    def __init__(self, table: SampleTable, opts: LoaderOptions, *, decode_here: bool):
+        self.table, self.opts, self.decode_here = table, opts, decode_here
         self.epoch = 0
         self.resolution = opts.resolution
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.table)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
+        blob = self.table.read(index)
+        label = int(self.table.labels[index])
+        if not self.decode_here:
+            return torch.from_numpy(blob.copy()), label, index
+        try:
+            with Image.open(io.BytesIO(blob.tobytes())) as im:
+                img = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise RunError(f"{self.table.where(index)}: cannot decode the image ({e})") from None
         o, r = self.opts, self.resolution
         if o.train:
-            rng = random.Random(hash((o.seed, self.epoch, index)))
-            top, left, h, w = sample_crop(rng, img.width, img.height, o.scale, o.ratio)
+            (top, left, h, w), flip = crop_for(o, epoch=self.epoch, index=index, width=img.width,
+                                               height=img.height)
             img = TF.resized_crop(img, top, left, h, w, [r, r], antialias=True)
-            if rng.random() < o.flip_prob:
+            if flip:
                 img = TF.hflip(img)
         else:
             img = TF.center_crop(TF.resize(img, int(round(r / o.val_crop_ratio)), antialias=True), [r, r])
         return TF.pil_to_tensor(img), label
 
 
+def _collate_bytes(items):
+    blobs, labels, index = zip(*items)
+    return list(blobs), torch.tensor(labels, dtype=torch.int64), list(index)
+
+
 class TorchLoader(LoaderBase):
+    """BatchLoader over a torch DataLoader. Keyword option: `decode` ("auto" | "host" | "device")."""
+
     backend = "torch"
     normalize_on = "device"
 
-    def __init__(self, data: Path, opts: LoaderOptions):
-        root, classes = _resolve_folder(Path(data), opts.split)
+    def __init__(self, data: Path, opts: LoaderOptions, *, decode: str = "auto"):
+        if decode not in DECODE_MODES:
+            raise UsageError(f"loader.torch.decode = {decode!r}; expected one of {DECODE_MODES}")
+        if not 0 <= opts.rank < opts.world_size:
+            raise UsageError(f"torch loader: rank {opts.rank} is outside world_size {opts.world_size}")
         self.opts = opts
-        self.dataset = _Folder(root, classes, opts)
+        self.decode = ("device" if opts.device.type == "cuda" else "host") if decode == "auto" else decode
+        self.table = sample_table(Path(data), opts.split)
+        if len(self.table) < opts.world_size:
+            raise UsageError(f"{data}: split {opts.split!r} has {len(self.table)} images, fewer than "
+                             f"world_size {opts.world_size}")
+        self.dataset = _Samples(self.table, opts, decode_here=self.decode == "host")
         self.batch_size = opts.batch_size
         self.resolution = opts.resolution
         self.epoch = 0
-        self._mean, self._std = mean_std_tensors(opts)
-
-    # -- which indices this rank reads this epoch --
-    def _indices(self) -> list[int]:
-        o, n = self.opts, len(self.dataset)
-        if not o.do_shuffle and not o.do_drop_last:
-            return list(shard_indices(n, rank=o.rank, world_size=o.world_size))
-        order = list(range(n))
-        if o.do_shuffle:
-            # ints only in the seed tuple: str hashes vary between processes
-            random.Random(hash((o.seed, self.epoch, -1))).shuffle(order)
-        per_rank = n // o.world_size  # equal shares so every rank runs the same number of steps
-        mine = order[o.rank * per_rank:(o.rank + 1) * per_rank]
-        if o.do_drop_last:
-            mine = mine[: len(mine) // o.batch_size * o.batch_size]
-        return mine
+        self._scale, self._shift = gpu_decode.scale_shift(opts, opts.device)
 
     @property
     def num_samples(self) -> int:
-        return len(self._indices())
+        return samples_per_rank(len(self.table), self.opts)
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
@@ -136,17 +111,54 @@ class TorchLoader(LoaderBase):
         self.epoch = epoch
 
     def set_resolution(self, resolution: int) -> None:
+        if resolution < 1:
+            raise UsageError(f"torch loader: resolution must be positive, got {resolution}")
         self.resolution = resolution
+
+    def close(self) -> None:
+        self.table.close()
 
     def __iter__(self):
         self.dataset.epoch, self.dataset.resolution = self.epoch, self.resolution
         o = self.opts
-        dl = DataLoader(self.dataset, batch_size=o.batch_size, sampler=self._indices(),
-                        num_workers=o.workers, pin_memory=o.device.type == "cuda",
-                        drop_last=False, persistent_workers=False,
+        batches = [b.tolist() for b in epoch_batches(len(self.table), o, self.epoch)]
+        host = self.decode == "host"
+        dl = DataLoader(self.dataset, batch_sampler=batches, num_workers=o.workers,
+                        pin_memory=o.device.type == "cuda" and host,
+                        collate_fn=None if host else _collate_bytes, persistent_workers=False,
                         prefetch_factor=4 if o.workers > 0 else None)
-        memory = torch.channels_last if o.channels_last else torch.contiguous_format
-        for images, labels in dl:
-            images = images.to(o.device, non_blocking=True).to(dtype=o.dtype, memory_format=memory)
-            images.sub_(self._mean).div_(self._std)
-            yield images, labels.to(o.device, non_blocking=True)
+        for batch in dl:
+            if host:
+                images, labels = batch
+                images = images.to(o.device, non_blocking=True)
+                x = gpu_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
+                                              channels_last=o.channels_last)
+            else:
+                x, labels = self._device_batch(*batch)
+            yield x, labels.to(o.device, non_blocking=True)
+
+    def _device_batch(self, blobs: list[torch.Tensor], labels: torch.Tensor, index: list[int]):
+        o = self.opts
+        images = gpu_decode.decode_batch(blobs, o.device, where=lambda i: self.table.where(index[i]))
+        boxes, flips = [], []
+        for img, i in zip(images, index):
+            h, w = img.shape[-2:]
+            if o.train:
+                box, flip = crop_for(o, epoch=self.epoch, index=i, width=w, height=h)
+            else:
+                box, flip = gpu_decode.center_box(w, h, self.resolution, o.val_crop_ratio), False
+            boxes.append(box)
+            flips.append(flip)
+        x = gpu_decode.device_batch(images, boxes=boxes, flips=flips, resolution=self.resolution,
+                                    scale=self._scale, shift=self._shift, dtype=o.dtype,
+                                    channels_last=o.channels_last)
+        return x, labels
+
+
+def host_reference(table: SampleTable, opts: LoaderOptions, *, epoch: int, indices, resolution: int) -> torch.Tensor:
+    """The host path's fp32 batch for `indices` (tests compare the device path with it)."""
+    ds = _Samples(table, opts, decode_here=True)
+    ds.epoch, ds.resolution = epoch, resolution
+    images = torch.stack([ds[int(i)][0] for i in np.asarray(indices)])
+    scale, shift = gpu_decode.scale_shift(opts, torch.device("cpu"))
+    return gpu_decode.normalize_cast(images, scale, shift, dtype=torch.float32, channels_last=False)
