@@ -52,13 +52,20 @@ def dali_dtype(dtype: torch.dtype):
 
 
 def dali_error_line(error: BaseException) -> str:
-    """DALI's message cut to one plain line: its first line that says something (DALI prefixes
-    source locations in square brackets; they are kept as text, the caller prints plain text)."""
-    for line in str(error).splitlines():
-        line = line.strip()
-        if line and not line.lower().startswith(("current pipeline object", "stacktrace")):
-            return line[:400]
-    return type(error).__name__
+    """DALI's multi-line message cut to one plain line: the failing operator and the cause DALI gives
+    after "encountered:" (its traceback into our pipeline definition is dropped). Square brackets in
+    it are text: the caller prints plain text, never markup."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    op = next((ln.rstrip(",") for ln in lines if ln.startswith("Error in ") and "operator" in ln), "")
+    cause = ""
+    if "encountered:" in lines:
+        after = lines[lines.index("encountered:") + 1:]
+        cause = next((ln for ln in after if not ln.startswith("Current pipeline object")), "")
+    if not cause:
+        skip = ("Critical error in pipeline", "Current pipeline object", "which was used in", "File ")
+        cause = next((ln for ln in lines if not ln.startswith(skip) and not ln.startswith("Error in ")),
+                     type(error).__name__)
+    return (f"{op}: {cause}" if op else cause)[:400]
 
 
 class EpochFeed:
@@ -256,19 +263,25 @@ class DaliLoader(LoaderBase):
         pipe = self._pipeline()
         batches = epoch_batches(self.total, self.opts, self.epoch)
         self.feed.start(batches, self.epoch)
+        failed = True
         try:
             for _ in range(len(batches)):
                 out = self._run(pipe)
                 self.feed.pending.popleft()
                 yield self._finish(*out)
+            failed = False
         finally:
             self.feed.stop()          # an abandoned epoch: no new batches, drain what DALI prefetched
             try:
                 while True:
-                    self._run(pipe)
+                    pipe.run()
             except StopIteration:
-                pass
-            pipe.reset()
+                pipe.reset()
+            except RuntimeError as e:  # DALI failed: this pipeline is no longer valid, build anew next time
+                self._pipes.pop(self.resolution, None)
+                if not failed:
+                    raise RunError(f"{self.data}: DALI failed at the end of a {self.opts.split} epoch: "
+                                   f"{dali_error_line(e)}") from None
 
     def _run(self, pipe):
         try:
