@@ -52,16 +52,29 @@ def handle_errors(fn):
         except FastRefineError as e:
             if _debug(ctx):
                 err.print_exception()
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            print_error(str(e))
             raise typer.Exit(e.exit_code) from None
         except Exception as e:  # a run-time failure we did not foresee: still one line, exit 1
             if _debug(ctx):
                 err.print_exception()
-            err.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                      markup=True, highlight=False, soft_wrap=True)
+            print_error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, as plain text: never rich markup (a DALI message's `[/...]` source location,
+    a path like `dir[bold]x` or `got [1.0, 0.5]` print as they are), never terminal colour codes."""
+    import re
+    import sys
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message).replace("\r", " ").strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    one = lines[0] if lines else "(no message)"
+    if len(lines) > 1:
+        one += " | " + " | ".join(lines[1:4]) + (" ..." if len(lines) > 4 else "")
+    sys.stderr.write(f"error: {one}\n")
+    sys.stderr.flush()
 
 
 def click_ctx():
@@ -150,15 +163,19 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
         only: Optional[str] = typer.Option(None, "--round", help="Run only this round (its refinery must exist)."),
         ):
     """Run a recipe's chain of rounds: train, refine, evaluate; resumes automatically after a stop."""
+    import os
+
+    from .chain import _selected, check_plan, describe_plan, run_dir_of, run_recipe
     from .recipe import load_recipe
-    from .rounds import describe_plan, run_recipe
 
     r = load_recipe(recipe, overrides)
     if dry_run:
         from .recipe import recipe_to_dict, to_toml
-        out.print(f"# resolved recipe ({recipe})", highlight=False)
+        check_plan(r, selected=_selected(r, only), run_dir=run_dir_of(r))
+        out.print(f"# resolved recipe ({recipe})", highlight=False, markup=False)
         out.print(to_toml(recipe_to_dict(r)), highlight=False, markup=False)
-        out.print(describe_plan(r, restart=restart, only=only))
+        out.print(describe_plan(r, restart=restart, only=only, world_size=int(os.environ.get("WORLD_SIZE", "1"))),
+                  highlight=False, markup=False)
         return
     run_recipe(r, restart=restart, only=only, console=out)
 

@@ -13,7 +13,6 @@ top-5 next to the ground-truth label (the image's parent folder, when it names a
 from __future__ import annotations
 
 import random
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,31 +64,50 @@ def load_class_list(data: Path) -> ClassList:
     return ClassList(folders, [names.get(f, f) for f in folders])
 
 
-def _run_recipe_of(checkpoint: Path) -> dict:
-    """The resolved recipe a round wrote beside its checkpoints ({} when there is none)."""
+def _run_recipe_of(checkpoint: Path):
+    """The resolved recipe a round wrote beside its checkpoints, loaded as strictly as any recipe (None
+    when there is none or it no longer loads)."""
+    from .recipe import load_recipe
     path = Path(checkpoint).parent / "recipe.toml"
     if not path.is_file():
-        return {}
+        return None
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError:
-        return {}
+        return load_recipe(path)
+    except UsageError:
+        return None
 
 
 def default_resolution(checkpoint: Path, fallback: int = 224) -> int:
     """The resolution the checkpoint's round evaluated at, from its run folder; else `fallback`."""
-    loader = _run_recipe_of(checkpoint).get("loader", {})
-    if loader.get("val_resolution"):
-        return int(loader["val_resolution"])
-    if loader.get("progressive"):
-        return int(loader["progressive"]["end"])
-    return int(loader.get("resolution", fallback))
+    from .round import val_resolution
+    recipe = _run_recipe_of(checkpoint)
+    return val_resolution(recipe) if recipe is not None else fallback
 
 
 def default_data(checkpoint: Path) -> Path | None:
     """The dataset the checkpoint's run trained on (for its class names), if it is still there."""
-    path = _run_recipe_of(checkpoint).get("data", {}).get("path")
+    recipe = _run_recipe_of(checkpoint)
+    path = recipe.data.path if recipe is not None else None
     return Path(path) if path and Path(path).exists() else None
+
+
+def output_path(out: Path | None, image: Path) -> Path:
+    """Where the PNG goes: `out` itself, or IMAGE-inspect.png inside `out` when it is a folder (an existing
+    one, or a path written with a trailing slash); a folder that does not exist is refused."""
+    name = f"{image.stem}-inspect.png"
+    if out is None:
+        return Path(name)
+    text = str(out)
+    out = Path(out)
+    if out.is_dir():
+        return out / name
+    if text.endswith(("/", "\\")):
+        raise UsageError(f"--out {text}: no such folder")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: its folder {out.parent} does not exist")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: expected a .png file or an existing folder")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- crops
@@ -199,11 +217,12 @@ def inspect_image(*, checkpoint: Path, image: Path, crops: int = 4, out: Path | 
              "crops": [{"box": (left, top, width, height), "top5": [(class, prob), ...],
                         "top5_index": [...], "gt_prob": p or None}, ...]}.
     """
-    from .rounds import load_model_from_checkpoint
+    from .round import load_model_from_checkpoint
 
     if crops < 1:
         raise UsageError(f"--crops: expected at least 1, got {crops}")
     checkpoint, image = Path(checkpoint), Path(image)
+    output_path(out, image)  # a bad --out is refused before any work
     model, meta = load_model_from_checkpoint(checkpoint, device=torch.device("cpu"))
     model.eval()
     if isinstance(class_names, list):
@@ -227,7 +246,7 @@ def inspect_image(*, checkpoint: Path, image: Path, crops: int = 4, out: Path | 
         crop_images.append(img.crop((left, top, left + w, top + h)))
         records.append({"box": box, "top5": [(_label(i, names), p) for i, p in zip(idx, probs)],
                         "top5_index": idx, "gt_prob": float(full[gt_index]) if gt_index is not None else None})
-    out = Path(out) if out else Path(f"{image.stem}-inspect.png")
+    out = output_path(out, image)
     title = f"{meta['model_name']} ({checkpoint.parent.name}/{checkpoint.name}) at {resolution}px"
     _draw(img=img, boxes=boxes, crops_out=records, crop_images=crop_images, gt=gt, title=title, out=out)
     return {"image": str(image), "checkpoint": str(checkpoint), "out": str(out), "resolution": resolution,

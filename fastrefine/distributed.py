@@ -15,6 +15,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1   # processes on this node: they share its cores
 
     @property
     def enabled(self) -> bool:
@@ -44,6 +45,7 @@ def init_distributed(device_choice: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
     if use_cuda and not torch.cuda.is_available():
         from .errors import RunError
@@ -53,7 +55,7 @@ def init_distributed(device_choice: str) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return Dist(rank=rank, world_size=world, local_rank=local), device
+    return Dist(rank=rank, world_size=world, local_rank=local, local_world_size=local_world), device
 
 
 def shutdown(d: Dist) -> None:

@@ -7,6 +7,7 @@ file and the dotted key. `--set a.b=value` overrides use the same dotted keys an
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import tomllib
@@ -17,14 +18,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import UsageError
+from .loaders.options import DaliOptions, FfcvOptions, TorchOptions
 
 
 class RecipeError(UsageError):
     """A recipe that does not load: the message names the file and the dotted key."""
 
 
-def _f(default: Any, *, lo: float | None = None, hi: float | None = None, doc: str = "",
-       lo_open: bool = False) -> Any:
+def _field(default: Any, *, lo: float | None = None, hi: float | None = None, doc: str = "",
+           lo_open: bool = False) -> Any:
+    """A recipe field: its default, its allowed range and a line of documentation. A default of None
+    means "not set: inherit" (TOML has no null, so only a key left out is None)."""
     meta = {"lo": lo, "hi": hi, "doc": doc, "lo_open": lo_open}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -36,118 +40,137 @@ REQUIRED = dataclasses.MISSING
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = _f("run", doc="run folder name under `out`")
-    out: str = _f("runs", doc="where run folders go")
-    seed: int = _f(0, lo=0)
-    device: Literal["auto", "cpu", "cuda"] = _f("auto")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+    name: str = _field("run", doc="run folder name under `out`")
+    out: str = _field("runs", doc="where run folders go")
+    seed: int = _field(0, lo=0, hi=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = _field("auto")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _field(
         "auto", doc="auto: bf16 on CPU and on GPUs that support it, else fp16")
-    compile: bool = _f(False, doc="torch.compile the student and, on its own, the refinery")
-    channels_last: bool = _f(True)
-    log_every: int = _f(50, lo=1, doc="steps between reads of the on-device metrics")
-    eval_every: int = _f(1, lo=1, doc="epochs between evaluations (the last epoch is always evaluated)")
-    max_steps_per_epoch: int = _f(0, lo=0, doc="0: the whole epoch; >0 cuts epochs short (smoke tests)")
-    max_val_batches: int = _f(0, lo=0, doc="0: the whole val split")
-    progress: bool = _f(True, doc="progress bars")
+    compile: bool = _field(False, doc="torch.compile the student and, on its own, the refinery")
+    cudnn_benchmark: bool = _field(True, doc="CUDA: let cuDNN pick the fastest kernels for each input shape")
+    channels_last: bool = _field(True)
+    log_every: int = _field(50, lo=1, doc="steps between reads of the on-device metrics")
+    eval_every: int = _field(1, lo=1, doc="epochs between evaluations (the last epoch is always evaluated)")
+    max_steps_per_epoch: int | None = _field(None, lo=1, doc="not set: the whole epoch; set: epochs cut short (smoke tests)")
+    max_val_batches: int | None = _field(None, lo=1, doc="not set: the whole val split")
+    progress: bool = _field(True, doc="progress bars")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = _f("", doc="converted dataset folder (manifest.json), or an ImageFolder root with train/ and val/")
-    num_classes: int = _f(0, lo=0, doc="0: from the manifest or the class folders")
+    path: str = _field("", doc="converted dataset folder (manifest.json), or an ImageFolder root with train/ and val/")
+    num_classes: int | None = _field(None, lo=1, hi=1_000_000, doc="not set: from the manifest or the class folders")
 
 
 @dataclass(frozen=True)
 class ProgressiveConfig:
-    start: int = _f(160, lo=8, doc="train resolution at and before from_epoch")
-    end: int = _f(192, lo=8, doc="train resolution at and after to_epoch")
-    from_epoch: int = _f(0, lo=0)
-    to_epoch: int = _f(0, lo=0)
-    multiple: int = _f(32, lo=1, doc="resolutions are rounded to a multiple of this")
+    start: int = _field(160, lo=8, doc="train resolution at and before from_epoch")
+    end: int = _field(192, lo=8, doc="train resolution at and after to_epoch")
+    from_epoch: int = _field(0, lo=0)
+    to_epoch: int = _field(0, lo=0)
+    multiple: int = _field(32, lo=1, doc="resolutions are rounded to a multiple of this")
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    backend: Literal["auto", "torch", "dali", "ffcv"] = _f("auto")
-    batch_size: int = _f(256, lo=1, doc="per process")
-    val_batch_size: int = _f(0, lo=0, doc="0: same as batch_size")
-    workers: int = _f(-1, lo=-1, doc="-1: all cores with a GPU; half of them on the CPU (the step needs the rest)")
-    resolution: int = _f(224, lo=8, doc="train crop size (when progressive is not set)")
-    val_resolution: int = _f(0, lo=0, doc="0: same as the final train resolution")
-    val_crop_ratio: float = _f(0.875, lo=0.0, hi=1.0, lo_open=True)
-    scale: tuple[float, float] = _f((0.08, 1.0), lo=0.0, hi=1.0, doc="RandomResizedCrop area range")
-    ratio: tuple[float, float] = _f((0.75, 4 / 3), lo=0.0, lo_open=True, doc="RandomResizedCrop aspect range")
-    progressive: ProgressiveConfig | None = _f(None, doc="progressive resizing; off when absent")
+    backend: Literal["auto", "torch", "dali", "ffcv"] = _field("auto")
+    batch_size: int = _field(256, lo=1, hi=65536, doc="per process")
+    val_batch_size: int | None = _field(None, lo=1, hi=65536, doc="not set: same as batch_size")
+    workers: int | None = _field(None, lo=0, hi=1024, doc="loader threads; not set: all cores with a GPU, "
+                                 "on the CPU split between loader and step (see README)")
+    resolution: int = _field(224, lo=8, hi=4096, doc="train crop size (when progressive is not set)")
+    val_resolution: int | None = _field(None, lo=8, hi=4096, doc="not set: same as the final train resolution")
+    val_crop_ratio: float = _field(0.875, lo=0.0, hi=1.0, lo_open=True)
+    scale: tuple[float, float] = _field((0.08, 1.0), lo=0.0, hi=1.0, doc="RandomResizedCrop area range")
+    ratio: tuple[float, float] = _field((0.75, 4 / 3), lo=0.0, lo_open=True, doc="RandomResizedCrop aspect range")
+    flip: bool = _field(True, doc="random horizontal flip in training (false for digits, text)")
+    progressive: ProgressiveConfig | None = _field(None, doc="progressive resizing; off when absent")
+    ffcv: FfcvOptions = _field(FfcvOptions(), doc="FFCV backend options")
+    dali: DaliOptions = _field(DaliOptions(), doc="DALI backend options")
+    torch: TorchOptions = _field(TorchOptions(), doc="torch backend options")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("", doc="a name from `fastrefine.models.list_models()`")
-    options: dict = _f({}, doc="keyword options for the model builder, e.g. {width = 0.25}")
+    name: str = _field("", doc="a name from `fastrefine.models.list_models()`")
+    options: dict = _field({}, doc="keyword options for the model builder, e.g. {width = 0.25}")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = _f(0.1, lo=0.0, lo_open=True, doc="peak learning rate")
-    momentum: float = _f(0.9, lo=0.0, hi=1.0)
-    nesterov: bool = _f(True)
-    weight_decay: float = _f(5e-5, lo=0.0)
-    decay_norm_and_bias: bool = _f(False, doc="false: norm layers and biases get no weight decay")
-    label_smoothing: float = _f(0.0, lo=0.0, hi=0.99, doc="round 0 (labels) only")
-    grad_clip: float = _f(0.0, lo=0.0, doc="0: off")
+    lr: float = _field(0.1, lo=0.0, lo_open=True, doc="peak learning rate for a global batch of `reference_batch` "
+                       "images; scaled linearly with the global batch (batch_size x processes)")
+    reference_batch: int = _field(256, lo=1, hi=2**20, doc="the global batch `lr` is given for")
+    lr_scaling: Literal["linear", "none"] = _field("linear", doc="linear: lr x global batch / reference_batch "
+                                                  "(Goyal et al. 2017); none: lr as given")
+    momentum: float = _field(0.9, lo=0.0, hi=1.0)
+    nesterov: bool = _field(True)
+    weight_decay: float = _field(5e-5, lo=0.0)
+    decay_norm_and_bias: bool = _field(False, doc="false: norm layers and biases get no weight decay")
+    grad_clip: float = _field(0.0, lo=0.0, doc="0: off")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    kind: Literal["step", "cosine", "triangular", "constant"] = _f("cosine")
-    steps: list = _f([], doc="kind=step: [[start_epoch, end_epoch, lr], ...] (the paper's regime)")
-    warmup_epochs: float = _f(0.0, lo=0.0, doc="linear warm-up from 0 (per iteration)")
-    peak_epoch: float = _f(2.0, lo=0.0, doc="kind=triangular: epoch of the peak")
-    final_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0, doc="cosine/triangular: final lr as a fraction of lr")
+    kind: Literal["step", "cosine", "triangular", "constant"] = _field("cosine")
+    steps: list = _field([], doc="kind=step: [[start_epoch, end_epoch, lr], ...] (the paper's regime)")
+    warmup_epochs: float = _field(0.0, lo=0.0, doc="linear warm-up from 0 (per iteration)")
+    peak_epoch: float = _field(2.0, lo=0.0, doc="kind=triangular: epoch of the peak")
+    final_lr_ratio: float = _field(0.0, lo=0.0, hi=1.0, doc="cosine/triangular: final lr as a fraction of lr")
 
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    fraction: float = _f(0.0, lo=0.0, hi=1.0, doc="share of each batch replaced by jittered images; 0: off")
-    epsilon: float = _f(1.0, lo=0.0, doc="signed-gradient step, in 0..255 pixel units")
+    fraction: float = _field(0.0, lo=0.0, hi=1.0, doc="share of each batch replaced by jittered images; 0: off")
+    epsilon: float = _field(1.0, lo=0.0, doc="signed-gradient step, in 0..255 pixel units")
 
 
 @dataclass(frozen=True)
 class RefineryConfig:
-    loss: Literal["soft_ce", "kl"] = _f("soft_ce", doc="both batchmean; they differ by the refinery's entropy")
-    gt_weight: float = _f(0.0, lo=0.0, hi=1.0, doc="weight of the ground-truth cross-entropy term")
-    temperature: float = _f(1.0, lo=0.0, lo_open=True)
-    bn: Literal["eval", "batch"] = _f("eval", doc="eval: running BN stats; batch: batch stats (the official code)")
-    fold_bn: bool = _f(True, doc="bn = eval only: fold each BatchNorm into the conv before it (same function, faster)")
-    use: Literal["best", "last"] = _f("last", doc="which checkpoint of a round refines the next")
-    adversarial: AdversarialConfig = _f(AdversarialConfig())
+    loss: Literal["soft_ce", "kl"] = _field("soft_ce", doc="both batchmean; they differ by the refinery's entropy")
+    gt_weight: float = _field(0.0, lo=0.0, hi=1.0, doc="weight of the ground-truth cross-entropy term")
+    temperature: float = _field(1.0, lo=0.0, lo_open=True, doc="divides the refinery's logits only: softer targets "
+                                "(not Hinton distillation: the student's logits are not divided, no T^2 factor)")
+    bn: Literal["eval", "batch"] = _field("eval", doc="eval: running BN stats; batch: batch stats (the official code)")
+    fold_bn: bool = _field(True, doc="bn = eval only: fold each BatchNorm into the conv before it (same function, faster)")
+    use: Literal["best", "last"] = _field("last", doc="which checkpoint of a round refines the next")
+    weights: str = _field("DEFAULT", doc='refinery = "torchvision:NAME" only: a torchvision weights name '
+                          '(e.g. "IMAGENET1K_V2", "DEFAULT") from the torch hub cache, or a .pth state dict')
+    class_map: str = _field("", doc="torchvision refineries: a JSON file mapping this dataset's class names to the "
+                            "refinery's class indices (needed when the classes are not ImageNet's 1,000 wnids)")
+    resolution: int | None = _field(None, lo=8, hi=4096, doc="the refinery sees the same crop resized to this on the "
+                                    "device; not set: the crop as it is")
+    adversarial: AdversarialConfig = _field(AdversarialConfig())
 
 
 @dataclass(frozen=True)
 class RoundConfig:
-    name: str = _f(REQUIRED)
-    epochs: int = _f(REQUIRED, lo=1)
-    refinery: str = _f("", doc='"none", "previous", an earlier round\'s name, or a checkpoint path; '
-                              'default "none" for the first round, "previous" after')
-    model: str = _f("", doc="default: [model].name")
-    model_options: dict | None = _f(None, doc="default: [model].options")
-    lr: float = _f(0.0, lo=0.0, doc="0: [optim].lr")
+    name: str = _field(REQUIRED)
+    epochs: int = _field(REQUIRED, lo=1, hi=100_000)
+    refinery: str | None = _field(None, doc='"none", "previous", an earlier round\'s name, a checkpoint path, or '
+                                  '"torchvision:NAME"; not set: "none" for the first round, "previous" after')
+    model: str | None = _field(None, doc="not set: [model].name")
+    model_options: dict | None = _field(None, doc="not set: [model].options")
+    lr: float | None = _field(None, lo=0.0, doc="not set: [optim].lr")
+    label_smoothing: float = _field(0.0, lo=0.0, hi=0.99, doc="rounds trained on labels (refinery none) only")
+    seed_from: str | None = _field(None, doc="an earlier round's name: start from the same initial weights and draw "
+                                   "the same crops as that round (paired comparisons); not set: this round's own seed")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    run: RunConfig = _f(RunConfig())
-    data: DataConfig = _f(DataConfig())
-    loader: LoaderConfig = _f(LoaderConfig())
-    model: ModelConfig = _f(ModelConfig())
-    optim: OptimConfig = _f(OptimConfig())
-    schedule: ScheduleConfig = _f(ScheduleConfig())
-    refinery: RefineryConfig = _f(RefineryConfig())
-    rounds: list[RoundConfig] = _f([])
+    run: RunConfig = _field(RunConfig())
+    data: DataConfig = _field(DataConfig())
+    loader: LoaderConfig = _field(LoaderConfig())
+    model: ModelConfig = _field(ModelConfig())
+    optim: OptimConfig = _field(OptimConfig())
+    schedule: ScheduleConfig = _field(ScheduleConfig())
+    refinery: RefineryConfig = _field(RefineryConfig())
+    rounds: list[RoundConfig] = _field([])
     source: str = field(default="", metadata={"internal": True})
 
     def round_model(self, r: RoundConfig) -> tuple[str, dict]:
-        name = r.model or self.model.name
+        name = r.model if r.model is not None else self.model.name
         opts = self.model.options if r.model_options is None else r.model_options
         return name, dict(opts)
 
@@ -200,11 +223,15 @@ def _convert(tp: Any, value: Any, where: str, meta: dict) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        if abs(value) >= 2**53:
+            raise RecipeError(f"{where}: expected an integer below 2**53, got {value}")
         _check_range(value, meta, where)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int) and abs(value) >= 2**53:
+            raise RecipeError(f"{where}: expected a number below 2**53, got {value}")
         _check_range(float(value), meta, where)
         return float(value)
     if tp is str:
@@ -241,6 +268,9 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     prefix = f"{where}." if where else ""
     for key in raw:
         if key not in known:
+            moved = _MOVED.get((cls.__name__, key))
+            if moved:
+                raise RecipeError(f"{prefix}{key}: {moved}")
             close = _close_match(key, known)
             hint = f" (did you mean {close!r}?)" if close else ""
             raise RecipeError(f"{prefix}{key}: unknown key{hint}; {cls.__name__} takes "
@@ -252,6 +282,10 @@ def _build(cls: type, raw: dict, where: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{prefix}{name}: missing (required)")
     return cls(**kwargs)
+
+
+_MOVED = {("OptimConfig", "label_smoothing"): "moved to each round: [[rounds]] label_smoothing (it applies only to "
+                                           "rounds trained on labels)"}
 
 
 def _close_match(key: str, known: dict) -> str | None:
@@ -335,7 +369,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}): a recipe is a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     for text in overrides:
@@ -360,16 +396,34 @@ def _validate(r: Recipe) -> None:
             raise RecipeError(f"{where}.name: expected letters, digits, '_', '-', '.', got {rd.name!r}")
         if rd.name in names:
             raise RecipeError(f"{where}.name: {rd.name!r} is used by an earlier round")
-        if not (rd.model or r.model.name):
+        model_name, _ = r.round_model(rd)
+        if not model_name:
             raise RecipeError(f"{where}.model: no model: set [model].name or this round's model")
-        ref = rd.refinery or ("none" if i == 0 else "previous")
+        known_models = _model_names()
+        if model_name not in known_models:
+            close = difflib.get_close_matches(model_name, known_models, n=1)
+            raise RecipeError(f"{where if rd.model is not None else 'model'}.{'model' if rd.model is not None else 'name'}: "
+                              f"unknown model {model_name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; known: {', '.join(known_models)}")
+        ref = rd.refinery if rd.refinery is not None else ("none" if i == 0 else "previous")
         if ref == "previous" and i == 0:
             raise RecipeError(f'{where}.refinery: the first round has no previous round; expected "none", '
                               f'or a checkpoint path')
-        if ref not in ("none", "previous") and ref not in names and not ref.endswith((".pt", ".pth")):
+        if ref == rd.name:
+            raise RecipeError(f"{where}.refinery: a round cannot be its own refinery ({ref!r})")
+        if (ref not in ("none", "previous") and ref not in names and not ref.endswith((".pt", ".pth"))
+                and not ref.startswith(TORCHVISION_PREFIX)):
             raise RecipeError(f'{where}.refinery: expected one of "none", "previous", an earlier round '
-                              f'({", ".join(repr(n) for n in names) or "none yet"}) or a checkpoint path '
-                              f'(.pt/.pth), got {ref!r}')
+                              f'({", ".join(repr(n) for n in names) or "none yet"}), a checkpoint path '
+                              f'(.pt/.pth) or "torchvision:NAME", got {ref!r}')
+        if ref.startswith(TORCHVISION_PREFIX) and not ref[len(TORCHVISION_PREFIX):]:
+            raise RecipeError(f'{where}.refinery: expected "torchvision:NAME" (e.g. "torchvision:resnet50"), got {ref!r}')
+        if ref != "none" and rd.label_smoothing:
+            raise RecipeError(f"{where}.label_smoothing: applies to rounds trained on labels only; this round is "
+                              f"refined by {ref!r}")
+        if rd.seed_from is not None and rd.seed_from not in names:
+            raise RecipeError(f'{where}.seed_from: expected an earlier round ({", ".join(repr(n) for n in names) or "none yet"}), '
+                              f'got {rd.seed_from!r}')
         names.append(rd.name)
     s = r.schedule
     if s.kind == "step":
@@ -386,10 +440,51 @@ def _validate(r: Recipe) -> None:
         raise RecipeError(f"loader.progressive.to_epoch: expected >= from_epoch ({p.from_epoch}), got {p.to_epoch}")
 
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def _model_names() -> list[str]:
+    from .models import list_models
+    return sorted(list_models())
+
+
+def round_index(recipe: Recipe, name: str) -> int:
+    """The index of the round called `name` (a UsageError listing the rounds when there is none)."""
+    names = [r.name for r in recipe.rounds]
+    if name not in names:
+        raise UsageError(f"no round {name!r}; the recipe's rounds are {names}")
+    return names.index(name)
+
+
+def round_seed(recipe: Recipe, index: int) -> int:
+    """The seed of round `index`: its initial weights and its crop stream. A round with `seed_from`
+    takes the seed of that round, so the two start from the same weights and see the same crops."""
+    rd = recipe.rounds[index]
+    if rd.seed_from is not None:
+        return round_seed(recipe, round_index(recipe, rd.seed_from))
+    return recipe.run.seed * 1000 + index
+
+
+def lr_scale(recipe: Recipe, *, world_size: int) -> float:
+    """The factor every learning rate of the recipe is multiplied by: global batch / reference_batch
+    (Goyal et al. 2017) with lr_scaling = "linear", else 1."""
+    if recipe.optim.lr_scaling == "none":
+        return 1.0
+    return recipe.loader.batch_size * world_size / recipe.optim.reference_batch
+
+
+def round_lr(recipe: Recipe, index: int, *, world_size: int) -> float:
+    """The round's peak learning rate for this many processes: [optim].lr (or the round's own lr), given
+    for a global batch of optim.reference_batch images, scaled linearly with the real global batch."""
+    rd = recipe.rounds[index]
+    base = rd.lr if rd.lr is not None else recipe.optim.lr
+    return base * lr_scale(recipe, world_size=world_size)
+
+
 def round_refinery(recipe: Recipe, index: int) -> str:
     """The resolved refinery spec of round `index`: 'none', a round name, or a checkpoint path."""
     rd = recipe.rounds[index]
-    ref = rd.refinery or ("none" if index == 0 else "previous")
+    ref = rd.refinery if rd.refinery is not None else ("none" if index == 0 else "previous")
     if ref == "previous":
         return recipe.rounds[index - 1].name
     return ref

@@ -7,11 +7,12 @@ import math
 from .recipe import ScheduleConfig
 
 
-def lr_at(epoch: float, *, cfg: ScheduleConfig, base_lr: float, total_epochs: int) -> float:
+def lr_at(epoch: float, *, cfg: ScheduleConfig, base_lr: float, total_epochs: int, scale: float = 1.0) -> float:
     """The learning rate at fractional epoch `epoch` (0 = start of training).
 
     step:       the paper's regime: [[start_epoch, end_epoch, lr], ...], start inclusive, end exclusive,
-                epochs counted from 0; the last entry's lr holds after its end. `base_lr` is not used.
+                epochs counted from 0; the last entry's lr holds after its end. `base_lr` is not used;
+                the steps' lrs are multiplied by `scale` (the linear batch scaling, recipe.lr_scale).
     cosine:     base_lr * (r + (1 - r) * (1 + cos(pi * t / T)) / 2), r = final_lr_ratio.
     triangular: FFCV's: linear from 0 to base_lr at peak_epoch, then linear to r * base_lr at T.
     constant:   base_lr.
@@ -27,6 +28,7 @@ def lr_at(epoch: float, *, cfg: ScheduleConfig, base_lr: float, total_epochs: in
         else:
             if t < cfg.steps[0][0]:
                 lr = cfg.steps[0][2]
+        lr *= scale
     elif cfg.kind == "cosine":
         frac = min(1.0, t / max(total_epochs, 1e-9))
         r = cfg.final_lr_ratio

@@ -150,6 +150,7 @@ def test_train_writes_json(demo_tree, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f"""
 [run]
+device = "cpu"
 name = "bench"
 out = "{tmp_path / 'runs'}"
 progress = false

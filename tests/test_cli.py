@@ -52,6 +52,7 @@ def test_runtime_failure_exits_1(tmp_path, demo_tree):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f"""
 [run]
+device = "cpu"
 out = "{tmp_path}/runs"
 [data]
 path = "{demo_tree}"

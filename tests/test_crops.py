@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from fastrefine.cli import app
 from fastrefine.crops import inspect_image, load_class_list
 from fastrefine.recipe import load_recipe
-from fastrefine.rounds import load_model_from_checkpoint, run_recipe
+from fastrefine.chain import run_recipe
+from fastrefine.round import load_model_from_checkpoint
 
 runner = CliRunner()
 
@@ -25,6 +26,7 @@ def trained(tmp_path_factory, demo_tree) -> Path:
     recipe = root / "r.toml"
     recipe.write_text(f"""
 [run]
+device = "cpu"
 name = "insp"
 out = "{root}/runs"
 progress = false

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastrefine.engine import (make_optimizer, param_groups, resolve_precision, train_epoch, train_step)
+from fastrefine.engine import train_epoch, train_step
+from fastrefine.optim import make_optimizer, param_groups
+from fastrefine.precision import resolve_precision
 from fastrefine.errors import RunError
 from fastrefine.recipe import ScheduleConfig
 from fastrefine.refinery import NoRefinery, Refinery, make_loss, no_jitter
@@ -112,15 +114,16 @@ def test_train_epoch_reports_and_stops_on_nan():
                     steps_per_epoch=2, log_every=1)
 
 
-def test_thread_budget_splits_cpu_cores(monkeypatch):
-    from fastrefine.rounds import thread_budget
+def test_plan_threads_splits_cpu_cores(monkeypatch):
+    from fastrefine.chain import plan_threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert thread_budget(workers=-1, device=cpu) == (4, 4)
-    assert thread_budget(workers=-1, device=cpu, local_world_size=2) == (2, 2)
-    assert thread_budget(workers=0, device=cpu) == (0, 8)
-    assert thread_budget(workers=8, device=cpu) == (8, 1)
-    assert thread_budget(workers=-1, device=gpu, local_world_size=4) == (2, None)
+    plan = lambda **kw: (lambda p: (p.workers, p.torch_threads))(plan_threads(**kw))  # noqa: E731
+    assert plan(workers=None, device=cpu) == (4, 4)
+    assert plan(workers=None, device=cpu, local_world_size=2) == (2, 2)
+    assert plan(workers=0, device=cpu) == (0, 8)
+    assert plan(workers=8, device=cpu) == (8, 1)
+    assert plan(workers=None, device=gpu, local_world_size=4) == (2, None)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert thread_budget(workers=-1, device=cpu) == (4, None)
+    assert plan(workers=None, device=cpu) == (4, None)

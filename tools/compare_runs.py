@@ -11,14 +11,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fastrefine.records import read_metrics, summary_markdown, summary_table
+from fastrefine.report import summary_markdown, summary_table
+from fastrefine.checkpoint import read_json_marker
+from fastrefine.runlog import read_metrics
 
 
 def rounds_of(run_dir: Path) -> list[tuple[str, dict, Path]]:
     """(label, done.json summary, metrics path) for each finished round, in recipe order when known."""
     out = []
     for done in sorted(run_dir.glob("*/done.json"), key=lambda p: p.stat().st_mtime):
-        row = json.loads(done.read_text())
+        row = read_json_marker(done)
+        if row is None:
+            continue
         out.append((f"{run_dir.name}/{row['round']}", row, done.parent / "metrics.jsonl"))
     return out
 

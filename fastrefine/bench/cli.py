@@ -82,8 +82,13 @@ def _show_train(console, rec: dict) -> None:
     console.print(_table(f"End to end: {s['model']} + refinery {s['refinery']}, {s['backend']} loader, "
                          f"{s['resolution']} px, batch {s['batch_size']}, {s['device']}",
                          ["case", "images/s median (min-max)"], rows))
-    console.print(f"data-wait fraction {sm['data_wait_fraction']:.2f}; input-bound: {sm['input_bound']}; "
-                  f"end to end / min(alone) = {sm['end_to_end_over_min_alone']:.2f}", highlight=False)
+    line = (f"end to end / step alone = {sm['end_to_end_over_step_alone']:.2f}; / min(alone) = "
+            f"{sm['end_to_end_over_min_alone']:.2f}; threads in the epoch: torch {s['torch_threads_in_epoch']}, "
+            f"loader workers {s['loader_workers']}")
+    for key in ("over_baseline_fp32", "over_baseline_bf16"):
+        if key in sm:
+            line += f"; vs torchvision {key.rsplit('_', 1)[1]}: {sm[key]:.2f}x"
+    console.print(line, highlight=False, markup=False)
 
 
 def register(app, *, handle_errors, console) -> None:
@@ -163,9 +168,11 @@ def register(app, *, handle_errors, console) -> None:
               round_name: Optional[str] = typer.Option(None, "--round", help="Which round (default: the last)."),
               steps: int = typer.Option(20, "--steps", min=1, help="Steps per timed repeat."),
               warmup: int = typer.Option(3, "--warmup", min=0), repeats: int = repeats_opt,
+              baseline: bool = typer.Option(False, "--baseline", help="Also time the plain torchvision loop (fp32, and channels_last + bf16) on the same images and model pair, alternating."),
+              baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", help="ImageFolder for the baseline (default: the dataset's source train folder)."),
               json_out: Optional[Path] = json_opt):
-        """Loader + step end to end from a recipe, the data-wait share, and each alone."""
+        """The trainer's own epoch loop end to end from a recipe, and loader and step alone."""
         rec = run_train(recipe_path=recipe, overrides=overrides, round_name=round_name, steps=steps,
-                        warmup=warmup, repeats=repeats)
+                        warmup=warmup, repeats=repeats, baseline=baseline, baseline_folder=baseline_folder)
         _show_train(console, rec)
         write_json(json_out, rec)

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
-
-from ..errors import RunError, UsageError
 
 from .protocol import PeakMemory, clock_name, first_call, make_record, make_sync, measure, pick_device, rates, spread
 
@@ -26,21 +20,33 @@ def _memory_format(channels_last: bool):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def make_bench_step(*, student: torch.nn.Module, refinery: torch.nn.Module | None, precision, compile: bool):
-    """The trainer's own step (engine.build_step) around a student and an optional refinery."""
-    from ..engine import build_step, make_clipper, make_optimizer
-    from ..refinery import NoRefinery, Refinery, make_loss, no_jitter
-    optimizer = make_optimizer(student, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-5,
-                               decay_norm_and_bias=False)
-    scaler = precision.scaler()
-    ref = Refinery(refinery) if refinery is not None else NoRefinery()
-    if compile:
-        student = torch.compile(student)
-        if refinery is not None:
-            ref.model = torch.compile(ref.model)
-    return build_step(student=student, refinery=ref, loss_fn=make_loss(refined=refinery is not None),
-                      jitter=no_jitter, optimizer=optimizer, scaler=scaler, autocast=precision.autocast,
-                      clip=make_clipper(0.0, scaler, optimizer))
+def bench_recipe(*, student: str, refinery: str | None, resolution: int, batch_size: int, precision: str,
+                 device: str, channels_last: bool, compile: bool):
+    """A recipe of one round (student refined by a round of the `refinery` architecture, or on labels)
+    for `build_round`: the step benchmark assembles its step exactly as a run does."""
+    from ..recipe import recipe_from_dict
+    rounds = [{"name": "student", "epochs": 1, "model": student, "refinery": "none"}]
+    if refinery is not None:
+        rounds = [{"name": "refinery", "epochs": 1, "model": refinery, "refinery": "none"},
+                  {"name": "student", "epochs": 1, "model": student, "refinery": "refinery"}]
+    return recipe_from_dict({
+        "run": {"name": "bench-step", "device": device, "precision": precision, "compile": compile,
+                "channels_last": channels_last, "progress": False},
+        "data": {"path": "(synthetic)"}, "loader": {"batch_size": batch_size, "resolution": resolution},
+        "optim": {"lr_scaling": "none", "lr": 0.01}, "rounds": rounds}, source="bench step")
+
+
+def make_bench_step(recipe, *, num_classes: int, device: torch.device, index: int | None = None):
+    """The round's parts as `fastrefine run` builds them (build_round), with no loader and the refinery's
+    weights random where its round has not run: speed does not depend on the weights."""
+    from ..distributed import Dist
+    from ..precision import resolve_precision
+    from ..round import RoundEnv, ThreadPlan, build_round
+    env = RoundEnv(recipe=recipe, dist=Dist(), device=device, precision=resolve_precision(recipe.run.precision, device),
+                   run_dir=Path("/nonexistent/fastrefine-bench"), num_classes=num_classes, class_names=[],
+                   threads=ThreadPlan(0, None, "bench step: torch threads untouched"))
+    index = len(recipe.rounds) - 1 if index is None else index
+    return build_round(env, index, untrained_refinery_ok=True, loaders=False), env
 
 
 def synthetic_batch(*, batch_size: int, resolution: int, num_classes: int, device: torch.device,
@@ -55,15 +61,12 @@ def synthetic_batch(*, batch_size: int, resolution: int, num_classes: int, devic
 def step_case(*, student: str, refinery: str | None, num_classes: int, resolution: int, batch_size: int,
               device: torch.device, precision, channels_last: bool, compile: bool, warmup: int, iters: int,
               repeats: int, memory: PeakMemory) -> dict:
-    from ..models import create_model
-    torch.manual_seed(0)
-    fmt = _memory_format(channels_last)
     memory.reset()
     before = memory.current_mib()
-    s = create_model(student, num_classes=num_classes).to(device, memory_format=fmt).train()
-    r = create_model(refinery, num_classes=num_classes).to(device, memory_format=fmt) if refinery else None
-    step = make_bench_step(student=s, refinery=r, precision=precision, compile=compile)
-    del r  # the Refinery holds its own (BN-folded) copy; the unfolded weights must not count as its memory
+    recipe = bench_recipe(student=student, refinery=refinery, resolution=resolution, batch_size=batch_size,
+                          precision=precision.name, device=device.type, channels_last=channels_last, compile=compile)
+    parts, _ = make_bench_step(recipe, num_classes=num_classes, device=device)
+    step = parts.step
     images, labels = synthetic_batch(batch_size=batch_size, resolution=resolution, num_classes=num_classes,
                                      device=device, dtype=precision.input_dtype, channels_last=channels_last)
     sync = make_sync(device)
@@ -89,7 +92,7 @@ def _refinery_names(spec: list[str], *, student: str) -> list[str | None]:
 def run_step(*, model: str, refineries: list[str], num_classes: int, resolution: int, batch_size: int,
              precision: str, device: str, channels_last: bool, compile: bool, warmup: int, iters: int,
              repeats: int) -> dict:
-    from ..engine import resolve_precision
+    from ..precision import resolve_precision
     from ..models import create_model
     create_model(model, num_classes=num_classes)  # an unknown name fails here, before any timing
     names = _refinery_names(refineries, student=model)

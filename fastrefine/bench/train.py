@@ -1,142 +1,186 @@
-"""`fastrefine bench train`: loader + step end to end from a recipe, and each alone, in one process."""
+"""`fastrefine bench train`: the trainer's own epoch loop end to end, and loader and step alone.
+
+End to end is `engine.train_epoch` itself over the round that `fastrefine run` would build
+(`round.build_round`: the same loader, thread split, refinery, loss, jitter, clipping and lr), each
+repeat a fresh epoch cut to `--steps` steps. With `--baseline`, the plain torchvision way runs in the
+same process on the same images with the same model pair, repeats alternating with fastrefine's:
+ImageFolder + PIL + RandomResizedCrop/flip/ToTensor/Normalize in a DataLoader, the refinery's forward
+in the same step, in fp32 as the original Label Refinery code ran and in channels_last + bf16 autocast
+as a user would write it today.
+"""
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
-from ..errors import RunError, UsageError
-
+from ..errors import UsageError
 from .protocol import MIN_REPEATS, cycle, first_call, make_record, make_sync, measure, rates, spread
-from .step import _memory_format, make_bench_step
 
 
-def _refinery_arch(recipe, index: int, device: torch.device):
-    """The round's refinery as a module: the real checkpoint if given as a path, else its architecture
-    (an earlier round's model), randomly initialised -- speed does not depend on the weights."""
-    from ..models import create_model
-    from ..recipe import round_refinery
-    from ..rounds import load_model_from_checkpoint
-    spec = round_refinery(recipe, index)
-    if spec == "none":
-        return None, "none"
-    names = [r.name for r in recipe.rounds]
-    if spec in names:
-        name, opts = recipe.round_model(recipe.rounds[names.index(spec)])
-        return create_model(name, num_classes=_num_classes(recipe), **opts), f"{name} (round {spec}, random weights)"
-    path = Path(spec)
-    if not path.is_file():
-        raise UsageError(f"round {recipe.rounds[index].name!r}: refinery {spec!r} is neither a round nor a file")
-    model, meta = load_model_from_checkpoint(path, device=device)
-    return model, f"{meta['model_name']} ({path})"
+def _epoch_case(parts, *, epoch: int, steps: int) -> dict:
+    """One fresh (partial) epoch of engine.train_epoch: what `fastrefine run` does, with its own timing."""
+    from ..engine import train_epoch
+    loader = parts.train_loader
+    loader.set_epoch(epoch)
+    res = train_epoch(loader, step=parts.step, optimizer=parts.optimizer, lr_fn=lambda e: parts.lr, epoch=epoch,
+                      steps_per_epoch=max(1, len(loader)), max_steps=steps, log_every=1 << 30)
+    return {"images": res.images, "seconds": res.seconds, "threads": torch.get_num_threads()}
 
 
-def _num_classes(recipe) -> int:
-    from ..rounds import dataset_num_classes
-    return recipe.data.num_classes or dataset_num_classes(Path(recipe.data.path))
+def baseline_parts(*, folder: Path, student: torch.nn.Module, refinery: torch.nn.Module | None, resolution: int,
+                   batch_size: int, workers: int, lr: float, device: torch.device, modern: bool):
+    """(iterator of batches, step) the torchvision way; `modern` adds channels_last + bf16 autocast."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from ..loaders import IMAGENET_MEAN, IMAGENET_STD
+    tf = transforms.Compose([transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dl = DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=batch_size, shuffle=True,
+                    num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                    pin_memory=device.type == "cuda")
+    fmt = torch.channels_last if modern else torch.contiguous_format
+    student = student.to(device, memory_format=fmt).train()
+    if refinery is not None:
+        refinery = refinery.to(device, memory_format=fmt).eval()
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+
+    def step(x, y):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=modern):
+            if refinery is not None:
+                with torch.no_grad():
+                    target = F.softmax(refinery(x).float(), dim=1)
+            logits = student(x)
+            if refinery is not None:
+                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+            else:
+                loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    def batches():
+        while True:
+            yield from dl
+    return batches(), step
 
 
-def _recipe_loader(recipe, *, device: torch.device, dtype: torch.dtype):
-    """The recipe's train loader exactly as `fastrefine run` builds it for its first epoch."""
-    from ..rounds import make_loaders, train_resolution
-    train, _, _, _ = make_loaders(recipe, device=device, dtype=dtype, seed=recipe.run.seed,
-                                  train_res=train_resolution(recipe, 0), with_val=False)
-    return train
-
-
-def timed_loop(*, it: Iterator, step: Callable, steps: int, sync: Callable[[], None]) -> dict:
-    """K end-to-end steps; time waiting in next(it) apart from the whole (synchronised before each read)."""
-    wait = 0.0
+def _baseline_case(it, step, *, steps: int, sync) -> dict:
+    t0 = time.perf_counter()
     images = 0
-    t_start = time.perf_counter()
     for _ in range(steps):
-        t0 = time.perf_counter()
         x, y = next(it)
-        sync()
-        t1 = time.perf_counter()
         step(x, y)
-        sync()
-        wait += t1 - t0
         images += int(y.shape[0])
-    total = time.perf_counter() - t_start
-    return {"seconds": total, "wait_s": wait, "images": images}
+    sync()
+    return {"images": images, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
 
 
 def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None, steps: int, warmup: int,
-              repeats: int) -> dict:
+              repeats: int, baseline: bool = False, baseline_folder: Path | None = None) -> dict:
+    from ..chain import make_env
     from ..distributed import init_distributed
-    from ..engine import resolve_precision
-    from ..models import create_model
-    from ..recipe import load_recipe
+    from ..recipe import load_recipe, round_index
+    from ..round import build_round
     recipe = load_recipe(recipe_path, overrides)
-    if not recipe.rounds:
-        raise UsageError(f"{recipe_path}: the recipe has no [[rounds]]")
-    names = [r.name for r in recipe.rounds]
-    if round_name is not None and round_name not in names:
-        raise UsageError(f"--round {round_name!r}: the recipe's rounds are {names}")
-    index = names.index(round_name) if round_name else len(names) - 1
+    index = round_index(recipe, round_name) if round_name else len(recipe.rounds) - 1
     if repeats < MIN_REPEATS:
         raise UsageError(f"--repeats must be at least {MIN_REPEATS}, got {repeats}")
-    _, dev = init_distributed(recipe.run.device)
-    prec = resolve_precision(recipe.run.precision, dev)
-    num_classes = _num_classes(recipe)
-    fmt = _memory_format(recipe.run.channels_last)
-    model_name, opts = recipe.round_model(recipe.rounds[index])
-    torch.manual_seed(recipe.run.seed)
-    student = create_model(model_name, num_classes=num_classes, **opts).to(dev, memory_format=fmt)
-    ref_model, ref_desc = _refinery_arch(recipe, index, dev)
-    if ref_model is not None:
-        ref_model = ref_model.to(dev, memory_format=fmt)
-    step = make_bench_step(student=student, refinery=ref_model, precision=prec, compile=recipe.run.compile)
-    del ref_model  # the step's Refinery holds its own (BN-folded) copy
-    sync = make_sync(dev)
+    dist_info, dev = init_distributed(recipe.run.device)
+    env = make_env(recipe, dist_info, dev)
     t0 = time.perf_counter()
-    loader = _recipe_loader(recipe, device=dev, dtype=prec.input_dtype)
+    parts = build_round(env, index, untrained_refinery_ok=True)
+    startup = time.perf_counter() - t0
+    sync = make_sync(dev)
+    first = _epoch_case(parts, epoch=0, steps=max(1, warmup))  # start-up, compile and warm-up, timed apart
+
+    base = None
+    if baseline:
+        from ..models import create_model
+        from .decode import _image_folder
+        folder = Path(baseline_folder) if baseline_folder else _image_folder(Path(recipe.data.path), "train")
+        torch.manual_seed(parts.seed)
+        ref = None
+        if parts.refined:
+            ref_name, ref_opts = _refinery_arch(recipe, index)
+            ref = create_model(ref_name, num_classes=env.num_classes, **ref_opts)
+        base = {}
+        for label, modern in (("fp32", False), ("channels_last + bf16", True)):
+            torch.manual_seed(parts.seed)
+            s = create_model(parts.model_name, num_classes=env.num_classes, **parts.model_options)
+            it, step = baseline_parts(folder=folder, student=s, refinery=ref, resolution=recipe.loader.resolution,
+                                      batch_size=recipe.loader.batch_size, workers=env.threads.workers, lr=parts.lr,
+                                      device=dev, modern=modern)
+            for _ in range(max(1, warmup)):
+                step(*next(it))
+            base[label] = {"it": it, "step": step, "loops": []}
+
+    loops = []
+    for rep in range(repeats):  # alternating, so that drift in the machine's load hits every case alike
+        loops.append(_epoch_case(parts, epoch=1 + rep, steps=steps))
+        for case in (base or {}).values():
+            case["loops"].append(_baseline_case(case["it"], case["step"], steps=steps, sync=sync))
+    e2e = {"case": "fastrefine end to end (engine.train_epoch)",
+           "images_per_s": spread([lp["images"] / lp["seconds"] for lp in loops]), "loops": loops}
+    results = [e2e]
+    for label, case in (base or {}).items():
+        results.append({"case": f"torchvision baseline, {label}",
+                        "images_per_s": spread([lp["images"] / lp["seconds"] for lp in case["loops"]]),
+                        "loops": case["loops"]})
+
+    loader, batch = parts.train_loader, recipe.loader.batch_size
     it = cycle(loader)
     x0, y0 = (t.clone() for t in next(it))  # kept while the loader runs on: FFCV recycles its own buffers
-    sync()
-    startup = time.perf_counter() - t0
-    first = first_call(lambda: step(x0, y0), sync=sync)
-    for _ in range(warmup):
-        step(*next(it))
-    sync()
-    loops = [timed_loop(it=it, step=step, steps=steps, sync=sync) for _ in range(repeats)]
-    e2e = {"case": "end to end (loader + step)", "images_per_s": spread([lp["images"] / lp["seconds"] for lp in loops]),
-           "data_wait_fraction": spread([lp["wait_s"] / lp["seconds"] for lp in loops]), "loops": loops}
-    batch = int(y0.shape[0])
     loader_s = measure(lambda: next(it), warmup=1, iters=steps, repeats=repeats, sync=sync)
-    step_s = measure(lambda: step(x0, y0), warmup=1, iters=steps, repeats=repeats, sync=sync,
+    it.close()
+    step_s = measure(lambda: parts.step(x0, y0), warmup=1, iters=steps, repeats=repeats, sync=sync,
                      events=dev.type == "cuda")
-    alone_loader = {"case": "loader alone", "images_per_s": rates(loader_s, items=steps * batch), "seconds": loader_s}
-    alone_step = {"case": "step alone (one real batch reused)", "images_per_s": rates(step_s, items=steps * batch),
-                  "seconds": step_s}
-    results = [e2e, alone_loader, alone_step]
-    summary = _train_summary(e2e, alone_loader, alone_step)
-    settings = {"recipe": str(recipe_path), "overrides": list(overrides), "round": names[index],
-                "model": model_name, "model_options": opts, "refinery": ref_desc, "backend": loader.backend,
-                "normalize_on": getattr(loader, "normalize_on", "?"), "batch_size": batch,
-                "resolution": int(x0.shape[-1]), "dtype": str(x0.dtype).replace("torch.", ""),
-                "precision": prec.name, "device": str(dev), "compile": recipe.run.compile, "steps": steps,
-                "warmup": warmup, "repeats": repeats, "startup_s": startup, "first_step_s": first,
-                "clock": "time.perf_counter with a device sync before each reading",
-                "threads": torch.get_num_threads()}
-    notes = ["data_wait_fraction = time inside next(iter) / whole loop time (device synced before each reading)",
-             "input-bound when data_wait_fraction > 0.1 or the loader alone is slower than the step alone"]
+    results += [{"case": "loader alone", "images_per_s": rates(loader_s, items=steps * batch), "seconds": loader_s},
+                {"case": "step alone (one real batch reused)", "images_per_s": rates(step_s, items=steps * batch),
+                 "seconds": step_s}]
+    summary = _train_summary(results)
+    settings = {"recipe": str(recipe_path), "overrides": list(overrides), "round": parts.name,
+                "model": parts.model_name, "model_options": parts.model_options, "refinery": parts.refinery_desc,
+                "backend": parts.backend, "batch_size": batch, "resolution": int(x0.shape[-1]),
+                "dtype": str(x0.dtype).replace("torch.", ""), "precision": env.precision.name, "device": str(dev),
+                "compile": recipe.run.compile, "steps": steps, "warmup": warmup, "repeats": repeats,
+                "startup_s": startup, "first_epoch_s": first["seconds"], "thread_plan": env.threads.why,
+                "loader_workers": getattr(loader, "workers", env.threads.workers),
+                "torch_threads_in_epoch": loops[0]["threads"],
+                "clock": "engine.train_epoch's own perf_counter (one sync per epoch, as in a run)"}
+    notes = ["end to end = images / seconds of engine.train_epoch over --steps steps, a fresh epoch per repeat",
+             "baselines: the same model pair and images, torchvision ImageFolder + PIL in a DataLoader with the "
+             "same worker count; repeats alternate with fastrefine's"]
+    parts.close()
     return make_record(command="train", settings=settings, results=results, summary=summary, notes=notes)
 
 
-def _train_summary(e2e: dict, loader: dict, step: dict) -> dict:
-    lo, st = loader["images_per_s"]["median"], step["images_per_s"]["median"]
-    wait = e2e["data_wait_fraction"]["median"]
-    bound = min(lo, st)
-    return {"end_to_end_images_per_s": e2e["images_per_s"]["median"], "loader_alone_images_per_s": lo,
-            "step_alone_images_per_s": st, "min_alone_images_per_s": bound,
-            "end_to_end_over_min_alone": e2e["images_per_s"]["median"] / bound,
-            "data_wait_fraction": wait, "input_bound": bool(wait > 0.1 or lo < st),
-            "slower_alone": "loader" if lo < st else "step"}
+def _refinery_arch(recipe, index: int) -> tuple[str, dict]:
+    """The refinery round's architecture name (the baseline builds it with random weights)."""
+    from ..recipe import round_index, round_refinery
+    spec = round_refinery(recipe, index)
+    names = [r.name for r in recipe.rounds]
+    if spec in names:
+        return recipe.round_model(recipe.rounds[round_index(recipe, spec)])
+    raise UsageError(f"--baseline needs the refinery to be an earlier round of the recipe (got {spec!r})")
 
+
+def _train_summary(results: list[dict]) -> dict:
+    by = {r["case"]: r["images_per_s"]["median"] for r in results}
+    e2e = by["fastrefine end to end (engine.train_epoch)"]
+    lo, st = by["loader alone"], by["step alone (one real batch reused)"]
+    out = {"end_to_end_images_per_s": e2e, "loader_alone_images_per_s": lo, "step_alone_images_per_s": st,
+           "end_to_end_over_step_alone": e2e / st, "end_to_end_over_min_alone": e2e / min(lo, st),
+           "slower_alone": "loader" if lo < st else "step"}
+    for key, label in (("fp32", "torchvision baseline, fp32"), ("bf16", "torchvision baseline, channels_last + bf16")):
+        if label in by:
+            out[f"over_baseline_{key}"] = e2e / by[label]
+    return out

@@ -1,56 +1,11 @@
-"""Run records: metrics.jsonl, run.json (git revision, hardware, versions), curve plots, summary table."""
+"""What a run shows a person: the per-round curves (curves.png) and the summary table (summary.md and
+the terminal). Reads metrics.jsonl and done.json; writes nothing else."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import torch
-
-
-class MetricsLog:
-    """Append-only JSON lines; a no-op on ranks other than 0."""
-
-    def __init__(self, path: Path, *, enabled: bool = True, **common):
-        self.path, self.enabled, self.common = Path(path), enabled, common
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**self.common, **record, "time": round(time.time(), 3)}) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def git_revision() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def hardware() -> dict:
-    info = {"host": platform.node(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
-    return info
+from .runlog import read_metrics
 
 
 def plot_curves(metrics_path: Path, png: Path, *, title: str) -> Path | None:

@@ -1,0 +1,191 @@
+"""The chain: a recipe's rounds in order, each refined by an earlier one; skip, resume, restart.
+
+runs/<run.name>/recipe.toml, summary.md, and one folder per round (see round.py).
+
+A round with a readable done.json is skipped on rerun; a round with last.pt resumes after its last
+finished epoch (RNG states, optimizer, scaler, loader epoch restored), so a resumed CPU run with a fixed
+seed ends with the same weights as one that was never stopped. Everything a recipe names (models,
+refinery checkpoints, torchvision refineries, earlier rounds) is checked before the first round trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from . import checkpoint as ckpt
+from .distributed import Dist, init_distributed, shutdown
+from .environment import usable_cores
+from .errors import UsageError
+from .precision import resolve_precision
+from .recipe import Recipe, recipe_to_dict, round_index, round_lr, round_refinery, round_seed, to_toml
+from .round import RoundEnv, ThreadPlan, refinery_source, run_round
+
+log = logging.getLogger("fastrefine")
+
+
+def run_dir_of(recipe: Recipe) -> Path:
+    return Path(recipe.run.out) / recipe.run.name
+
+
+def dataset_classes(recipe: Recipe) -> tuple[int, list[str]]:
+    """(number of classes, class names in label order: wnids for converted ImageNet) of the recipe's data."""
+    path = Path(recipe.data.path)
+    names: list[str] = []
+    if (path / "manifest.json").is_file():
+        from .manifest import read_manifest
+        names = [c.wnid for c in read_manifest(path).classes]
+    elif (path / "train").is_dir():
+        names = sorted(d.name for d in (path / "train").iterdir() if d.is_dir())
+    if recipe.data.num_classes is not None:
+        return recipe.data.num_classes, names
+    if names:
+        return len(names), names
+    raise UsageError(f"data.path = {str(path)!r}: no manifest.json and no train/<class>/ folders "
+                     f"(convert it with `fastrefine convert` or point at an ImageFolder root)")
+
+
+def plan_threads(*, workers: int | None, device: torch.device, local_world_size: int = 1) -> ThreadPlan:
+    """How this process splits its cores between the loader and the step.
+
+    With a GPU the loader gets this process's share of the cores. On the CPU the step and the loader
+    share them: sized both to all cores, OpenMP's spinning threads and the loader's threads fight (a
+    2-core machine ran 15-25x slower, measured), so the loader gets half and torch the rest, unless the
+    recipe sets `loader.workers`. An explicit OMP_NUM_THREADS is respected."""
+    cores = max(1, usable_cores() // max(1, local_world_size))
+    if device.type == "cuda":
+        n = cores if workers is None else workers
+        return ThreadPlan(n, None, f"GPU: {n} loader workers, torch threads untouched")
+    n = max(1, cores // 2) if workers is None else workers
+    if "OMP_NUM_THREADS" in os.environ:
+        return ThreadPlan(n, None, f"CPU: {n} loader workers; torch threads from OMP_NUM_THREADS")
+    threads = max(1, cores - n)
+    return ThreadPlan(n, threads, f"CPU, {cores} cores: {n} loader workers, {threads} torch threads")
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def _selected(recipe: Recipe, only: str | None) -> list[int]:
+    if only is None:
+        return list(range(len(recipe.rounds)))
+    try:
+        return [round_index(recipe, only)]
+    except UsageError as e:
+        raise UsageError(f"--round {only!r}: {e}") from None
+
+
+def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path) -> None:
+    """Everything the selected rounds need, checked before any of them trains: refinery checkpoints exist
+    and are not the round's own, torchvision refineries name a real model, a refinery round runs first."""
+    for i in selected:
+        rd = recipe.rounds[i]
+        src = refinery_source(recipe, i, run_dir=run_dir)
+        where = f"rounds[{i}].refinery"
+        if src.kind == "checkpoint":
+            if not src.path.is_file():
+                raise UsageError(f"{where}: checkpoint {src.spec!r} not found (tried {src.path}"
+                                 + (f" and beside {recipe.source}" if recipe.source else "") + ")")
+            if src.path.resolve().parent == (run_dir / rd.name).resolve():
+                raise UsageError(f"{where}: {src.path} is this round's own checkpoint; a round cannot refine itself")
+        elif src.kind == "torchvision":
+            import torchvision
+            name = src.spec.split(":", 1)[1]
+            if name not in torchvision.models.list_models():
+                raise UsageError(f"{where}: torchvision has no model {name!r}")
+        elif src.kind == "round":
+            j = round_index(recipe, src.spec)
+            if j not in selected and not src.path.is_file():
+                raise UsageError(f"{where}: round {src.spec!r} is not run here and has no {src.path.name} yet "
+                                 f"({src.path}); run it first or drop --round")
+
+
+def describe_plan(recipe: Recipe, *, restart: bool = False, only: str | None = None, world_size: int = 1) -> str:
+    run_dir = run_dir_of(recipe)
+    lines = [f"run folder: {run_dir}", f"data: {recipe.data.path}",
+             f"global batch: {recipe.loader.batch_size} x {world_size} process(es); optim.lr {recipe.optim.lr:g} is for "
+             f"{recipe.optim.reference_batch} images ({recipe.optim.lr_scaling} scaling)", "rounds:"]
+    for i in _selected(recipe, only):
+        rd = recipe.rounds[i]
+        name, opts = recipe.round_model(rd)
+        rdir = run_dir / rd.name
+        if restart:
+            state = "start (restart)"
+        elif ckpt.read_json_marker(rdir / "done.json") is not None:
+            state = "done, skip"
+        elif (rdir / "last.pt").is_file():
+            state = "resume"
+        else:
+            state = "start"
+        extra = f" {opts}" if opts else ""
+        seed = f", seed {round_seed(recipe, i)}" + (f" (from {rd.seed_from})" if rd.seed_from else "")
+        lines.append(f"  {i}. {rd.name}: {name}{extra}, {rd.epochs} epochs, lr {round_lr(recipe, i, world_size=world_size):.4g}"
+                     f"{seed}, refinery {round_refinery(recipe, i)} -> {state}")
+    return "\n".join(lines)
+
+
+def _archive(run_dir: Path) -> Path:
+    """--restart keeps what was there: the old folder is renamed, never deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+        n += 1
+    run_dir.rename(dest)
+    return dest
+
+
+# -------------------------------------------------------------------------------------------- run
+
+def make_env(recipe: Recipe, dist_info: Dist, device: torch.device, *, console: Console | None = None) -> RoundEnv:
+    """The per-process decisions every round shares: precision, classes, the thread split (applied here)."""
+    precision = resolve_precision(recipe.run.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = recipe.run.cudnn_benchmark
+    threads = plan_threads(workers=recipe.loader.workers, device=device, local_world_size=dist_info.local_world_size)
+    if threads.torch_threads is not None:
+        torch.set_num_threads(threads.torch_threads)
+    num_classes, names = dataset_classes(recipe)
+    return RoundEnv(recipe=recipe, dist=dist_info, device=device, precision=precision, run_dir=run_dir_of(recipe),
+                    num_classes=num_classes, class_names=names, threads=threads, console=console or Console())
+
+
+def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None,
+               console: Console | None = None) -> list[dict]:
+    """Run the recipe's rounds in order; returns one summary dict per round run or skipped."""
+    console = console or Console()
+    selected = _selected(recipe, only)
+    run_dir = run_dir_of(recipe)
+    check_plan(recipe, selected=selected, run_dir=run_dir if not restart else run_dir.with_name(".none"))
+    dist_info, device = init_distributed(recipe.run.device)
+    try:
+        env = make_env(recipe, dist_info, device, console=console)
+        if dist_info.is_main:
+            if restart and run_dir.exists():
+                log.info("--restart: moved the old run folder to %s", _archive(run_dir))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text(run_dir / "recipe.toml", to_toml(recipe_to_dict(recipe)))
+        dist_info.barrier()
+        rows = []
+        for i in selected:
+            rd = recipe.rounds[i]
+            done = ckpt.read_json_marker(run_dir / rd.name / "done.json")
+            if done is not None:
+                log.info("round %s: already finished (%s), skipping", rd.name, run_dir / rd.name / "done.json")
+                rows.append(done)
+                continue
+            rows.append(run_round(env, i))
+        if dist_info.is_main:
+            from .report import summary_markdown, summary_table
+            all_rows = [m for m in (ckpt.read_json_marker(run_dir / r.name / "done.json") for r in recipe.rounds)
+                        if m is not None]
+            ckpt.write_text(run_dir / "summary.md", summary_markdown(all_rows, title=recipe.run.name))
+            console.print(summary_table(all_rows, title=f"{recipe.run.name}: {run_dir}"))
+        return rows
+    finally:
+        shutdown(dist_info)

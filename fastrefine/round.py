@@ -1,0 +1,466 @@
+"""One round: `build_round` assembles its parts, `run_round` trains them.
+
+`build_round` is the one way a round is put together: `fastrefine run`, `fastrefine bench step/train`
+and the tools all call it, so what a benchmark times is what a run trains (DESIGN.md convention 13).
+
+runs/<run.name>/<round>/  recipe.toml, run.json, metrics.jsonl, last.pt, best.pt, curves.png, done.json
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from . import checkpoint as ckpt
+from .distributed import Dist
+from .engine import build_step, evaluate, train_epoch
+from .errors import RunError, UsageError
+from .optim import make_clipper, make_optimizer
+from .precision import Precision
+from .recipe import (TORCHVISION_PREFIX, Recipe, lr_scale, recipe_to_dict, round_index, round_lr, round_refinery,
+                     round_seed, to_toml)
+from .refinery import AdversarialJitter, NoRefinery, Refinery, make_loss, no_jitter
+from .schedule import lr_at, resolution_at
+
+log = logging.getLogger("fastrefine")
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How this process splits its CPU cores: loader workers and torch's intra-op threads."""
+    workers: int
+    torch_threads: int | None   # None: torch is left as it is (a GPU run, or OMP_NUM_THREADS set)
+    why: str
+
+
+@dataclass
+class RoundEnv:
+    """What the chain decides once per process and every round shares."""
+    recipe: Recipe
+    dist: Dist
+    device: torch.device
+    precision: Precision
+    run_dir: Path
+    num_classes: int
+    class_names: list[str]
+    threads: ThreadPlan
+    console: Console = field(default_factory=Console)
+
+
+@dataclass
+class RoundParts:
+    """Everything one round trains with; `student` is the plain module, `model` what the step runs."""
+    index: int
+    name: str
+    seed: int
+    lr: float
+    model_name: str
+    model_options: dict
+    student: nn.Module
+    model: nn.Module
+    refinery: nn.Module
+    refinery_desc: str
+    refined: bool
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: Callable
+    train_loader: object
+    make_val_loader: Callable[..., object]
+    backend: str
+    backend_reason: str
+    _val: object = None
+
+    @property
+    def val_loader(self):
+        if self._val is None:
+            self._val = self.make_val_loader()
+        return self._val
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self._val):
+            if loader is not None and hasattr(loader, "close"):
+                loader.close()
+
+
+# ------------------------------------------------------------------------------------- the pieces
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_resolution(recipe: Recipe, epoch: int) -> int:
+    p = recipe.loader.progressive
+    if p is None:
+        return recipe.loader.resolution
+    return resolution_at(epoch, start=p.start, end=p.end, from_epoch=p.from_epoch, to_epoch=p.to_epoch,
+                         multiple=p.multiple)
+
+
+def val_resolution(recipe: Recipe) -> int:
+    lc = recipe.loader
+    if lc.val_resolution is not None:
+        return lc.val_resolution
+    return lc.progressive.end if lc.progressive else lc.resolution
+
+
+def make_loader(recipe: Recipe, *, split: str, device: torch.device, dtype: torch.dtype, seed: int,
+                resolution: int, workers: int, rank: int = 0, world_size: int = 1, shuffle: bool | None = None):
+    """One loader as the recipe describes it (its backend options included)."""
+    from .loaders import build
+    from .loaders.options import as_kwargs
+    lc = recipe.loader
+    batch = lc.batch_size if split == "train" else (lc.val_batch_size or lc.batch_size)
+    return build(data=recipe.data.path, backend=lc.backend, split=split, batch_size=batch, resolution=resolution,
+                 device=device, dtype=dtype, rank=rank, world_size=world_size, seed=seed, workers=workers,
+                 scale=lc.scale, ratio=lc.ratio, val_crop_ratio=lc.val_crop_ratio, flip=lc.flip,
+                 channels_last=recipe.run.channels_last, shuffle=shuffle,
+                 backend_options={"ffcv": as_kwargs(lc.ffcv), "dali": as_kwargs(lc.dali), "torch": as_kwargs(lc.torch)})
+
+
+@dataclass(frozen=True)
+class RefinerySource:
+    kind: str            # "none" | "round" | "checkpoint" | "torchvision"
+    spec: str            # as written in the recipe (resolved "previous")
+    path: Path | None    # the checkpoint file (round, checkpoint) or the weights file (torchvision .pth)
+
+
+def refinery_source(recipe: Recipe, index: int, *, run_dir: Path) -> RefinerySource:
+    """Where round `index`'s refinery comes from. Relative checkpoint paths are tried from the working
+    directory, then from the recipe's folder."""
+    spec = round_refinery(recipe, index)
+    if spec == "none":
+        return RefinerySource("none", spec, None)
+    if spec.startswith(TORCHVISION_PREFIX):
+        return RefinerySource("torchvision", spec, None)
+    if spec in [r.name for r in recipe.rounds]:
+        return RefinerySource("round", spec, run_dir / spec / f"{recipe.refinery.use}.pt")
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and not path.exists() and recipe.source:
+        alt = Path(recipe.source).parent / path
+        path = alt if alt.exists() else path
+    return RefinerySource("checkpoint", spec, path)
+
+
+def load_model_from_checkpoint(path: Path, *, device: torch.device, num_classes: int | None = None):
+    """(model on `device`, channels_last; its meta) from a fastrefine checkpoint (best.pt / last.pt)."""
+    from .models import create_model
+    state = ckpt.load(path, map_location="cpu")
+    meta = state["meta"]
+    if num_classes is not None and meta["num_classes"] != num_classes:
+        raise UsageError(f"{path}: the checkpoint has {meta['num_classes']} classes, the dataset {num_classes}")
+    model = create_model(meta["model_name"], num_classes=meta["num_classes"], **meta["model_options"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{path}: its weights do not fit {meta['model_name']} ({str(e).splitlines()[0]})") from None
+    return model.to(device, memory_format=torch.channels_last), meta
+
+
+def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False) -> tuple[nn.Module | None, str]:
+    """(the refinery's network on the device, a description), or (None, "none (labels)").
+
+    `untrained_ok` (benchmarks only): a refinery round that has not run yet is built with random weights,
+    since speed does not depend on the weights."""
+    r = env.recipe
+    src = refinery_source(r, index, run_dir=env.run_dir)
+    if src.kind == "none":
+        return None, "none (labels)"
+    if src.kind == "torchvision":
+        from .refineries import load_torchvision_refinery
+        model, desc = load_torchvision_refinery(src.spec[len(TORCHVISION_PREFIX):], weights=r.refinery.weights,
+                                                class_map=r.refinery.class_map, class_names=env.class_names,
+                                                num_classes=env.num_classes)
+        return model.to(env.device, memory_format=torch.channels_last), desc
+    if not src.path.is_file():
+        if src.kind == "round" and untrained_ok:
+            from .models import create_model
+            name, opts = r.round_model(r.rounds[round_index(r, src.spec)])
+            model = create_model(name, num_classes=env.num_classes, **opts)
+            return model.to(env.device, memory_format=torch.channels_last), f"{src.spec} ({name}, random weights)"
+        if src.kind == "round":
+            raise RunError(f"refinery round {src.spec!r} has no {src.path.name} yet ({src.path}); run that round first")
+        raise UsageError(f"rounds[{index}].refinery: checkpoint {src.spec!r} not found")
+    model, meta = load_model_from_checkpoint(src.path, device=env.device, num_classes=env.num_classes)
+    return model, f"{src.spec} ({meta['model_name']})"
+
+
+# ------------------------------------------------------------------------------------------ build
+
+def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_refinery_ok: bool = False,
+                loaders: bool = True) -> RoundParts:
+    """Student, refinery, loss, jitter, optimizer, step and loaders of round `index`, seeded from the
+    round's seed (its own, or `seed_from`'s: same initial weights and crop stream).
+
+    `loaders=False` (the step benchmark, on synthetic tensors) builds no loader; the jitter then uses the
+    loaders' default normalisation (loaders.base.IMAGENET_MEAN/STD)."""
+    from .models import create_model
+    r, rd = env.recipe, env.recipe.rounds[index]
+    seed = round_seed(r, index)
+    seed_everything(seed + env.dist.rank)
+    model_name, model_opts = r.round_model(rd)
+    fmt = torch.channels_last if r.run.channels_last else torch.contiguous_format
+    torch.manual_seed(seed)  # the same initial weights on every rank and in a seed_from round
+    student = create_model(model_name, num_classes=env.num_classes, **model_opts).to(env.device, memory_format=fmt)
+    seed_everything(seed + env.dist.rank)
+
+    ref_model, refinery_desc = refinery_module(env, index, untrained_ok=untrained_refinery_ok)
+    refined = ref_model is not None
+    if refined:
+        refinery = Refinery(ref_model, bn=r.refinery.bn, temperature=r.refinery.temperature,
+                            fold_bn=r.refinery.fold_bn, **_refinery_resolution(r))
+        del ref_model  # with fold_bn the Refinery holds a folded copy: drop the unfolded weights
+    else:
+        refinery = NoRefinery()
+
+    lr = round_lr(r, index, world_size=env.dist.world_size)
+    optimizer = make_optimizer(student, lr=lr, momentum=r.optim.momentum, nesterov=r.optim.nesterov,
+                               weight_decay=r.optim.weight_decay, decay_norm_and_bias=r.optim.decay_norm_and_bias)
+    scaler = env.precision.scaler()
+
+    loader_args = dict(device=env.device, dtype=env.precision.input_dtype, seed=seed, workers=env.threads.workers,
+                       rank=env.dist.rank, world_size=env.dist.world_size)
+    if loaders:
+        train_loader = make_loader(r, split="train", resolution=train_resolution(r, start_epoch), **loader_args)
+        from .loaders import resolve_backend
+        backend, reason = resolve_backend(r.loader.backend, device=env.device, data=Path(r.data.path))
+    else:
+        train_loader, backend, reason = None, "none", "no loader (synthetic input)"
+
+    def make_val_loader(shuffle: bool | None = None):
+        return make_loader(r, split="val", resolution=val_resolution(r), shuffle=shuffle, **loader_args)
+
+    model = student
+    if r.run.compile:
+        model = torch.compile(student)
+        if refined:
+            refinery.model = torch.compile(refinery.model)  # compiled on its own, outside DDP
+    if env.dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    adv = r.refinery.adversarial
+    jitter = no_jitter
+    if refined and adv.fraction > 0:
+        norm = train_loader.normalization if train_loader is not None else _default_normalization(env)
+        jitter = AdversarialJitter(student=student, refinery=refinery, fraction=adv.fraction, epsilon=adv.epsilon,
+                                   mean=norm.mean, std=norm.std, autocast=env.precision.autocast)
+    loss_fn = make_loss(refined=refined, kind=r.refinery.loss, gt_weight=r.refinery.gt_weight,
+                        label_smoothing=rd.label_smoothing)
+    step = build_step(student=model, refinery=refinery, loss_fn=loss_fn, jitter=jitter, optimizer=optimizer,
+                      scaler=scaler, autocast=env.precision.autocast, clip=make_clipper(r.optim.grad_clip, scaler, optimizer))
+    return RoundParts(index=index, name=rd.name, seed=seed, lr=lr, model_name=model_name, model_options=model_opts,
+                      student=student, model=model, refinery=refinery, refinery_desc=refinery_desc, refined=refined,
+                      optimizer=optimizer, scaler=scaler, step=step, train_loader=train_loader,
+                      make_val_loader=make_val_loader, backend=backend, backend_reason=reason)
+
+
+def _default_normalization(env: RoundEnv):
+    from .loaders import IMAGENET_MEAN, IMAGENET_STD, Normalization
+    return Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=env.precision.input_dtype)
+
+
+def _refinery_resolution(recipe: Recipe) -> dict:
+    """Refinery(resolution=...) only when the recipe asks for it (keeps Refinery's signature optional)."""
+    return {} if recipe.refinery.resolution is None else {"resolution": recipe.refinery.resolution}
+
+
+# ------------------------------------------------------------------------------------------ state
+
+def gather_rng_states(dist: Dist) -> list[dict]:
+    """Every rank's RNG state, in rank order (a collective: every rank calls it)."""
+    mine = ckpt.rng_state()
+    if not dist.enabled:
+        return [mine]
+    import torch.distributed as tdist
+    states: list = [None] * dist.world_size
+    tdist.all_gather_object(states, mine)
+    return states
+
+
+def restore(parts: RoundParts, env: RoundEnv, state: dict) -> tuple[int, float, int]:
+    """Load a last.pt state (mapped to the CPU) into the round's parts: (epoch, best top-1, step)."""
+    parts.student.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    rng = ckpt.rank_rng_state(state.get("rng"), env.dist.rank)
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    else:  # an older checkpoint (rank 0's state only) or a new world size: a distinct stream per rank
+        log.warning("round %s: no saved RNG state for rank %d; reseeded from (seed, epoch, rank)",
+                    parts.name, env.dist.rank)
+        seed_everything(parts.seed + 7919 * state["epoch"] + env.dist.rank)
+    return state["epoch"], state["best_top1"], state["step"]
+
+
+def read_resume_state(rdir: Path) -> dict | None:
+    last = rdir / "last.pt"
+    if not last.is_file():
+        return None
+    state = ckpt.load(last, map_location="cpu")  # RNG states must stay CPU tensors, whatever the device
+    missing = [k for k in ("optimizer", "scaler", "epoch", "step", "best_top1") if k not in state]
+    if missing:
+        raise UsageError(f"{last}: a weights-only checkpoint (no {', '.join(missing)}); cannot resume from it")
+    return state
+
+
+# -------------------------------------------------------------------------------------------- run
+
+def run_round(env: RoundEnv, index: int) -> dict:
+    """Train round `index` (resuming from its last.pt), evaluate, checkpoint every epoch; its summary."""
+    r, rd = env.recipe, env.recipe.rounds[index]
+    rdir, main = env.run_dir / rd.name, env.dist.is_main
+    if main:
+        ckpt.clean_stale_temporaries(rdir)
+    state = read_resume_state(rdir)
+    start_epoch = state["epoch"] if state else 0
+    parts = build_round(env, index, start_epoch=start_epoch)
+    best, global_step = -1.0, 0
+    if state:
+        start_epoch, best, global_step = restore(parts, env, state)
+        log.info("round %s: resuming after epoch %d", rd.name, start_epoch)
+    del state
+    from .runlog import MetricsLog, truncate_to_epoch
+    metrics = MetricsLog(rdir / "metrics.jsonl", enabled=main, round=rd.name)
+    if main:
+        truncate_to_epoch(rdir / "metrics.jsonl", epochs_done=start_epoch)
+        _write_run_record(env, parts, rdir, start_epoch)
+    reduce = env.dist.all_reduce_sum()
+    ac, max_val = env.precision.autocast, r.run.max_val_batches
+    refinery_val = _evaluate_refinery(env, parts, metrics, reduce) if parts.refined and start_epoch == 0 else None
+    steps_per_epoch = min(max(1, len(parts.train_loader)), r.run.max_steps_per_epoch or 1 << 62)
+    started, last_eval, last_train, seen_threads = time.perf_counter(), None, None, []
+    from .progress import progress_bar
+    with progress_bar(disable=not (main and r.run.progress), console=env.console) as bar:
+        for epoch in range(start_epoch, rd.epochs):
+            res = train_resolution(r, epoch)
+            parts.train_loader.set_epoch(epoch)
+            parts.train_loader.set_resolution(res)
+            task = bar.add_task(f"{rd.name} {epoch + 1}/{rd.epochs} {res}px",
+                                total=steps_per_epoch * parts.train_loader.batch_size, info="")
+
+            def on_step(n: int, task=task) -> None:
+                if not seen_threads:  # what the step really ran with, after the loader started its epoch
+                    seen_threads.append(torch.get_num_threads())
+                bar.advance(task, n)
+
+            result = train_epoch(parts.train_loader, step=parts.step, optimizer=parts.optimizer, epoch=epoch,
+                                 lr_fn=lambda e: lr_at(e, cfg=r.schedule, base_lr=parts.lr, total_epochs=rd.epochs,
+                                                       scale=lr_scale(r, world_size=env.dist.world_size)),
+                                 steps_per_epoch=steps_per_epoch, max_steps=r.run.max_steps_per_epoch,
+                                 log_every=r.run.log_every, on_log=metrics.write, on_step=on_step, all_reduce=reduce)
+            global_step += result.steps
+            last_train = result
+            record = {"kind": "epoch", "epoch": epoch, "step": global_step, "resolution": res,
+                      "train_loss": result.loss, "train_top1": result.top1, "train_images": result.images,
+                      "train_seconds": result.seconds, "img_s": result.images / max(result.seconds, 1e-9),
+                      "lr": parts.optimizer.param_groups[0]["lr"], "torch_threads": seen_threads[0]}
+            if (epoch + 1) % r.run.eval_every == 0 or epoch + 1 == rd.epochs:
+                last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
+                record.update(val_loss=last_eval["loss"], val_top1=last_eval["top1"], val_top5=last_eval["top5"],
+                              val_images=last_eval["images"])
+            metrics.write(record)
+            improved = "val_top1" in record and record["val_top1"] > best
+            best = max(best, record.get("val_top1", best))
+            _save(env, parts, rdir, epoch=epoch + 1, step=global_step, best=best, improved=improved,
+                  val_top1=record.get("val_top1"))
+            bar.update(task, info=f"loss {result.loss:.3f} train {100 * result.top1:.0f}%"
+                       + (f" val {100 * record['val_top1']:.1f}%" if "val_top1" in record else ""))
+    if last_eval is None:  # resumed after the final epoch: evaluate the finished weights for the summary
+        last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
+    summary = _summary(env, parts, rd, refinery_val, last_train, last_eval, best, started)
+    if main:
+        _finish(env, parts, rdir, summary)
+    env.dist.barrier()
+    parts.close()
+    return summary
+
+
+def _evaluate_refinery(env: RoundEnv, parts: RoundParts, metrics, reduce) -> dict:
+    """The refinery's own val accuracy. In BN batch mode its statistics come from each batch, so it is
+    evaluated on shuffled val batches (class-sorted batches would each be nearly one class)."""
+    batch_mode = env.recipe.refinery.bn == "batch"
+    loader = parts.make_val_loader(shuffle=True) if batch_mode else parts.val_loader
+    try:
+        res = evaluate(parts.refinery.model, loader, autocast=env.precision.autocast,
+                       max_batches=env.recipe.run.max_val_batches, all_reduce=reduce, set_eval=False)
+    finally:
+        if batch_mode and hasattr(loader, "close"):
+            loader.close()
+    metrics.write({"kind": "refinery", "val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"],
+                   "shuffled_val": batch_mode})
+    return res
+
+
+def _meta(parts: RoundParts, env: RoundEnv, *, epoch: int, val_top1) -> dict:
+    return {"model_name": parts.model_name, "model_options": parts.model_options, "num_classes": env.num_classes,
+            "round": parts.name, "epoch": epoch, "val_top1": val_top1}
+
+
+def _save(env: RoundEnv, parts: RoundParts, rdir: Path, *, epoch: int, step: int, best: float, improved: bool,
+          val_top1) -> None:
+    rng = gather_rng_states(env.dist)  # every rank takes part; rank 0 writes
+    if env.dist.is_main:
+        meta = _meta(parts, env, epoch=epoch, val_top1=val_top1)
+        if improved:
+            ckpt.save_weights(rdir / "best.pt", model=parts.student, meta=meta)
+        ckpt.save_state(rdir / "last.pt", model=parts.student, optimizer=parts.optimizer, scaler=parts.scaler,
+                        epoch=epoch, step=step, best_top1=best, meta=meta, rng=rng)
+    env.dist.barrier()
+
+
+def _write_run_record(env: RoundEnv, parts: RoundParts, rdir: Path, start_epoch: int) -> None:
+    from .environment import git_revision, hardware
+    r = env.recipe
+    rdir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_text(rdir / "recipe.toml", to_toml(recipe_to_dict(r)))
+    loader = parts.train_loader
+    ckpt.write_json(rdir / "run.json", {
+        "round": parts.name, "index": parts.index, "seed": parts.seed, "model": parts.model_name,
+        "model_options": parts.model_options, "refinery": parts.refinery_desc,
+        "refinery_bn": r.refinery.bn if parts.refined else None, "lr": parts.lr,
+        "global_batch": r.loader.batch_size * env.dist.world_size,
+        "git": git_revision(), "hardware": hardware(), "backend": parts.backend, "backend_reason": parts.backend_reason,
+        "normalization": {"mean": list(loader.normalization.mean), "std": list(loader.normalization.std),
+                          "dtype": str(loader.normalization.dtype).replace("torch.", "")},
+        "loader_workers": getattr(loader, "workers", env.threads.workers), "torch_threads": torch.get_num_threads(),
+        "thread_plan": env.threads.why, "precision": env.precision.name, "world_size": env.dist.world_size,
+        "device": str(env.device), "num_classes": env.num_classes,
+        "train_images": loader.num_samples * env.dist.world_size,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_after_epoch": start_epoch})
+    log.info("round %s: %s, refinery %s, %s loader (%s), %s, lr %.4g, %d epochs", parts.name, parts.model_name,
+             parts.refinery_desc, parts.backend, parts.backend_reason, env.precision.name, parts.lr,
+             r.rounds[parts.index].epochs)
+
+
+def _summary(env, parts, rd, refinery_val, last_train, last_eval, best, started) -> dict:
+    train_top1 = last_train.top1 if last_train else None
+    if refinery_val is None and parts.refined:  # resumed: the refinery's figure is in the log already
+        from .runlog import read_metrics
+        logged = [m for m in read_metrics(env.run_dir / rd.name / "metrics.jsonl") if m.get("kind") == "refinery"]
+        refinery_val = {"top1": logged[-1]["val_top1"]} if logged else None
+    return {"round": rd.name, "model": parts.model_name, "refinery": parts.refinery_desc, "epochs": rd.epochs,
+            "seed": parts.seed, "refinery_val_top1": refinery_val["top1"] if refinery_val else None,
+            "train_top1": train_top1, "val_top1": last_eval["top1"], "val_top5": last_eval["top5"],
+            "val_loss": last_eval["loss"], "best_val_top1": max(best, last_eval["top1"]),
+            "gap": (train_top1 - last_eval["top1"]) if train_top1 is not None else None,
+            "minutes": (time.perf_counter() - started) / 60, "backend": parts.backend}
+
+
+def _finish(env: RoundEnv, parts: RoundParts, rdir: Path, summary: dict) -> None:
+    from .report import plot_curves
+    plot_curves(rdir / "metrics.jsonl", rdir / "curves.png",
+                title=f"{env.recipe.run.name} / {parts.name} ({parts.model_name})")
+    if not (rdir / "best.pt").exists():
+        ckpt.copy_as_weights(rdir / "last.pt", rdir / "best.pt")
+    ckpt.write_json(rdir / "done.json", summary)
