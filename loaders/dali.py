@@ -277,7 +277,7 @@ class DaliLoader(LoaderBase):
                     pipe.run()
             except StopIteration:
                 pipe.reset()
-            except RuntimeError as e:  # DALI failed: this pipeline is no longer valid, build anew next time
+            except Exception as e:    # DALI or the feed failed: the pipeline is not reused, build anew
                 self._pipes.pop(self.resolution, None)
                 if not failed:
                     raise RunError(f"{self.data}: DALI failed at the end of a {self.opts.split} epoch: "

@@ -307,4 +307,5 @@ def image_size(buf, where: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(memoryview(buf).tobytes())) as im:
             return im.size
     except (UnidentifiedImageError, OSError) as e:
-        raise RunError(f"{where}: not an image that can be read ({e})") from None
+        why = str(e).split(" <_io.")[0]      # PIL names our in-memory buffer, not the file
+        raise RunError(f"{where}: not an image that can be read ({why})") from None

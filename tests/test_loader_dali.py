@@ -212,6 +212,15 @@ def test_imagefolder_tree_without_manifest(conv, demo_tree, tmp_path):
     assert sum(len(y) for _, y in ld) == N_TRAIN // 8 * 8
 
 
+def test_a_file_that_is_no_image_in_a_tree_is_named(demo_tree, tmp_path):
+    tree = small_tree(demo_tree, tmp_path / "tree")
+    bad = sorted((tree / "train").iterdir())[2] / "zz-bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(RunError) as err:
+        list(loader(tree))
+    assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value) and "<_io" not in str(err.value)
+
+
 def test_dali_options_are_the_constructor_options(conv):
     from fastrefine.loaders.dali import DaliLoader, decoder_options
     params = inspect.signature(DaliLoader.__init__).parameters
