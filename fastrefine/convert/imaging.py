@@ -44,9 +44,10 @@ def target_size(*, width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def clean_image(path: str, max_side: int, quality: int) -> Cleaned:
-    """Decode `path` fully, apply EXIF orientation, make it RGB, shrink it, re-encode it as JPEG.
+    """Decode `path` (a JPEG at the smallest DCT scale that still reaches the target size, anything else
+    at full size), apply EXIF orientation, make it RGB, shrink it, and encode it as a JPEG: the one
+    encode of this image, whose bytes both the DALI shards and the `.beton` store.
 
-    Positional arguments so that it can be mapped by a process pool with `functools.partial`.
     Truncated files are refused because PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at False.
     """
     try:
@@ -130,5 +131,6 @@ def _wide_to_l(img: Image.Image) -> Image.Image:
 
 
 def clean_many(paths: list[str], max_side: int, quality: int) -> list[Cleaned]:
-    """`clean_image` over a chunk of paths: one pool task per chunk keeps the pickling overhead low."""
+    """`clean_image` over a chunk of paths: the task the process pool runs (one per chunk keeps the
+    pickling overhead low)."""
     return [clean_image(p, max_side, quality) for p in paths]
