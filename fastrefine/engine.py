@@ -88,13 +88,22 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
     if sums is None:
         raise RunError(f"epoch {epoch}: the train loader yielded no full batch (batch size larger than the "
                        f"dataset share of this process?)")
-    totals = all_reduce(torch.cat([sums, torch.tensor([float(seen)], device=sums.device)]))
+    totals = all_reduce(torch.cat([sums, _host_count(seen, sums.device)]))
     loss_sum, correct, n = totals.tolist()  # one sync per epoch, for the record
     if not math.isfinite(loss_sum):
         raise RunError(f"loss became {loss_sum} during epoch {epoch}; stopped before writing a checkpoint "
                        f"(the last good one is kept)")
     return EpochResult(loss=loss_sum / n, top1=correct / n, images=int(n),
                        seconds=time.perf_counter() - start, steps=n_steps)
+
+
+def _host_count(n: int, device: torch.device) -> torch.Tensor:
+    """The host's image count as a 1-element tensor on `device`, copied without a blocking transfer
+    (pinned memory, non_blocking) so that it can join the device sums for one all-reduce."""
+    t = torch.tensor([float(n)])
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.inference_mode()
@@ -132,7 +141,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
             model.train(was_training)
     if sums is None:
         raise RunError("the val loader yielded no batch")
-    totals = all_reduce(torch.cat([sums, torch.tensor([float(seen)], device=sums.device)]))
+    totals = all_reduce(torch.cat([sums, _host_count(seen, sums.device)]))
     loss, top1, top5, n = totals.tolist()  # one sync per evaluation
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(n)}
 

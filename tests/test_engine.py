@@ -127,3 +127,55 @@ def test_plan_threads_splits_cpu_cores(monkeypatch):
     assert plan(workers=None, device=gpu, local_world_size=4) == (2, None)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert plan(workers=None, device=cpu) == (4, None)
+
+
+def _factory_calls_with_device(fn) -> list[str]:
+    """Names of tensor factory calls given a device while `fn` runs: on CUDA each one is a blocking
+    host-to-device copy (torch.tensor) or at least a launch the host waits to enqueue."""
+    from torch.overrides import TorchFunctionMode
+
+    factories = {torch.tensor, torch.as_tensor, torch.full, torch.zeros, torch.ones, torch.empty, torch.scalar_tensor}
+    seen: list[str] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories and kwargs.get("device") is not None:
+                seen.append(func.__name__)
+            return func(*args, **kwargs)
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_train_epoch_and_evaluate_build_no_device_tensor_per_step():
+    """Issue: a `torch.tensor(n, device=...)` per step made the host wait for the GPU every step."""
+    from fastrefine.engine import evaluate
+    student = _tiny()
+    kw = _step_kwargs(student, NoRefinery(), refined=False)
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(6)]
+    step = lambda x, y: train_step(x, y, **kw)  # noqa: E731
+    calls = _factory_calls_with_device(lambda: train_epoch(
+        batches, step=step, optimizer=kw["optimizer"], lr_fn=lambda e: 0.05, epoch=0, steps_per_epoch=6,
+        log_every=100))
+    assert len(calls) <= 1, calls  # one per epoch (the image count, for the all-reduce), not one per step
+    calls = _factory_calls_with_device(lambda: evaluate(student, batches, autocast=lambda: torch.autocast("cpu", enabled=False)))
+    assert len(calls) <= 1, calls
+
+
+def test_train_epoch_closes_an_abandoned_loader_iterator():
+    closed = []
+
+    def loader():
+        try:
+            for _ in range(10):
+                yield torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+        finally:
+            closed.append(True)
+
+    student = _tiny()
+    kw = _step_kwargs(student, NoRefinery(), refined=False)
+    res = train_epoch(loader(), step=lambda x, y: train_step(x, y, **kw), optimizer=kw["optimizer"],
+                      lr_fn=lambda e: 0.05, epoch=0, steps_per_epoch=10, max_steps=3)
+    assert res.steps == 3 and closed == [True]

@@ -1,0 +1,103 @@
+"""The trainer on CUDA (marked gpu: skipped without a GPU; tools/gpu_check.sh runs them on a GPU host)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrefine import checkpoint as ckpt
+
+pytestmark = pytest.mark.gpu
+
+
+def _recipe(tmp_path: Path, data: Path, name: str, extra: str = "") -> Path:
+    p = tmp_path / f"{name}.toml"
+    p.write_text(f"""
+[run]
+name = "{name}"
+out = "{tmp_path}/runs"
+device = "cuda"
+seed = 2
+progress = false
+log_every = 2
+{extra}
+[data]
+path = "{data}"
+[loader]
+backend = "torch"
+batch_size = 32
+resolution = 32
+workers = 2
+val_crop_ratio = 1.0
+[model]
+name = "tiny_cnn"
+[[rounds]]
+name = "r0"
+epochs = 2
+[[rounds]]
+name = "r1"
+epochs = 1
+""")
+    return p
+
+
+def test_refined_chain_on_cuda_without_host_sync_in_the_epoch(tmp_path, demo_tree, monkeypatch):
+    """Both rounds on CUDA; train_epoch and evaluate run under sync debug mode "error"."""
+    import fastrefine.engine as engine
+    from fastrefine.chain import run_recipe
+    from fastrefine.recipe import load_recipe
+
+    real_epoch, real_eval = engine.train_epoch, engine.evaluate
+
+    def strict(fn):
+        def run(*args, **kwargs):
+            # the loop's only syncs are the log_every read and the per-epoch totals: allow those by making
+            # log_every larger than the epoch, and check everything before the final read
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+    # the per-epoch `.tolist()` is a sync by design; the strict mode is switched off around it
+    monkeypatch.setattr(torch.Tensor, "tolist", _unstrict(torch.Tensor.tolist))
+    import fastrefine.round as round_mod
+    monkeypatch.setattr(round_mod, "train_epoch", strict(real_epoch))
+    monkeypatch.setattr(round_mod, "evaluate", strict(real_eval))
+    rows = run_recipe(load_recipe(_recipe(tmp_path, demo_tree, "cuda", "log_every = 1000")))
+    assert [r["round"] for r in rows] == ["r0", "r1"] and rows[1]["val_top1"] > 0.15
+
+
+def _unstrict(fn):
+    def call(self, *args, **kwargs):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    return call
+
+
+def test_resume_on_cuda_after_a_kill(tmp_path, demo_tree, monkeypatch):
+    import fastrefine.engine as engine
+    from fastrefine.chain import run_recipe
+    from fastrefine.recipe import load_recipe
+
+    real, count = engine.train_step, [0]
+
+    def dies(*args, **kwargs):
+        count[0] += 1
+        if count[0] > 16:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    p = _recipe(tmp_path, demo_tree, "resume")
+    monkeypatch.setattr(engine, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(p))
+    monkeypatch.setattr(engine, "train_step", real)
+    assert ckpt.load(tmp_path / "runs/resume/r0/last.pt")["epoch"] == 1
+    rows = run_recipe(load_recipe(p))  # RNG states restored from CPU tensors although the run is on CUDA
+    assert [r["round"] for r in rows] == ["r0", "r1"]
