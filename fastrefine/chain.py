@@ -50,22 +50,34 @@ def dataset_classes(recipe: Recipe) -> tuple[int, list[str]]:
                      f"(convert it with `fastrefine convert` or point at an ImageFolder root)")
 
 
-def plan_threads(*, workers: int | None, device: torch.device, local_world_size: int = 1) -> ThreadPlan:
-    """How this process splits its cores between the loader and the step.
+def plan_threads(*, workers: int | None, device: torch.device, backend: str = "torch",
+                 local_world_size: int = 1) -> ThreadPlan:
+    """How this process splits its cores between the loader and the step (recorded in run.json).
 
-    With a GPU the loader gets this process's share of the cores. On the CPU the step and the loader
-    share them: sized both to all cores, OpenMP's spinning threads and the loader's threads fight (a
-    2-core machine ran 15-25x slower, measured), so the loader gets half and torch the rest, unless the
-    recipe sets `loader.workers`. An explicit OMP_NUM_THREADS is respected."""
+    GPU: the loader gets this process's share of the cores; torch's threads are left alone.
+    CPU, `loader.workers` not set: the rule follows what was measured (docs/benchmarks.md, "thread split"):
+    - ffcv / dali decode in compiled threads at thousands of images/s per core, 50-100x what a CPU
+      training step takes, so the loader's thread is idle most of the time: the step gets every core
+      (torch threads = cores) and the loader one worker per 8 cores (at least 1);
+    - torch (PIL decode, ~10x slower per image) keeps the even split: half the cores each, since
+      sizing both to all cores made a 2-core machine 15-25x slower (OpenMP's spinning threads against
+      busy loader threads, measured).
+    An explicit `loader.workers` keeps the even split's torch side (cores - workers); OMP_NUM_THREADS, when
+    set, decides torch's threads."""
     cores = max(1, usable_cores() // max(1, local_world_size))
     if device.type == "cuda":
         n = cores if workers is None else workers
         return ThreadPlan(n, None, f"GPU: {n} loader workers, torch threads untouched")
-    n = max(1, cores // 2) if workers is None else workers
+    if workers is None and backend in ("ffcv", "dali"):
+        n, threads, rule = max(1, cores // 8), cores, f"{backend} loader: the step gets every core"
+    elif workers is None:
+        n = max(1, cores // 2)
+        threads, rule = max(1, cores - n), "torch loader: cores split evenly"
+    else:
+        n, threads, rule = workers, max(1, cores - workers), "loader.workers as set, torch takes the rest"
     if "OMP_NUM_THREADS" in os.environ:
-        return ThreadPlan(n, None, f"CPU: {n} loader workers; torch threads from OMP_NUM_THREADS")
-    threads = max(1, cores - n)
-    return ThreadPlan(n, threads, f"CPU, {cores} cores: {n} loader workers, {threads} torch threads")
+        return ThreadPlan(n, None, f"CPU, {cores} cores: {n} loader workers; torch threads from OMP_NUM_THREADS")
+    return ThreadPlan(n, threads, f"CPU, {cores} cores: {n} loader workers, {threads} torch threads ({rule})")
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -147,7 +159,10 @@ def make_env(recipe: Recipe, dist_info: Dist, device: torch.device, *, console: 
     precision = resolve_precision(recipe.run.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = recipe.run.cudnn_benchmark
-    threads = plan_threads(workers=recipe.loader.workers, device=device, local_world_size=dist_info.local_world_size)
+    from .loaders import resolve_backend
+    backend, _ = resolve_backend(recipe.loader.backend, device=device, data=Path(recipe.data.path))
+    threads = plan_threads(workers=recipe.loader.workers, device=device, backend=backend,
+                           local_world_size=dist_info.local_world_size)
     if threads.torch_threads is not None:
         torch.set_num_threads(threads.torch_threads)
     num_classes, names = dataset_classes(recipe)

@@ -122,6 +122,8 @@ def test_plan_threads_splits_cpu_cores(monkeypatch):
     plan = lambda **kw: (lambda p: (p.workers, p.torch_threads))(plan_threads(**kw))  # noqa: E731
     assert plan(workers=None, device=cpu) == (4, 4)
     assert plan(workers=None, device=cpu, local_world_size=2) == (2, 2)
+    assert plan(workers=None, device=cpu, backend="ffcv") == (1, 8)   # the step gets the cores
+    assert plan(workers=None, device=cpu, backend="dali", local_world_size=2) == (1, 4)
     assert plan(workers=0, device=cpu) == (0, 8)
     assert plan(workers=8, device=cpu) == (8, 1)
     assert plan(workers=None, device=gpu, local_world_size=4) == (2, None)

@@ -21,7 +21,7 @@ def _memory_format(channels_last: bool):
 
 
 def bench_recipe(*, student: str, refinery: str | None, resolution: int, batch_size: int, precision: str,
-                 device: str, channels_last: bool, compile: bool):
+                 device: str, channels_last: bool, compile: bool, refinery_options: dict | None = None):
     """A recipe of one round (student refined by a round of the `refinery` architecture, or on labels)
     for `build_round`: the step benchmark assembles its step exactly as a run does."""
     from ..recipe import recipe_from_dict
@@ -33,7 +33,8 @@ def bench_recipe(*, student: str, refinery: str | None, resolution: int, batch_s
         "run": {"name": "bench-step", "device": device, "precision": precision, "compile": compile,
                 "channels_last": channels_last, "progress": False},
         "data": {"path": "(synthetic)"}, "loader": {"batch_size": batch_size, "resolution": resolution},
-        "optim": {"lr_scaling": "none", "lr": 0.01}, "rounds": rounds}, source="bench step")
+        "optim": {"lr_scaling": "none", "lr": 0.01}, "refinery": dict(refinery_options or {}),
+        "rounds": rounds}, source="bench step")
 
 
 def make_bench_step(recipe, *, num_classes: int, device: torch.device, index: int | None = None):
