@@ -16,26 +16,52 @@ def _try(fn) -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e} ({os.path.basename(last.filename)}:{last.lineno})"
 
 
+def _jpeg_bytes() -> bytes:
+    """A small JPEG to decode for real (a smooth gradient: this checks a decoder, it measures nothing)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:48, 0:64]
+    rgb = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _check_dali() -> str:
-    """Build and run a one-op DALI pipeline, on the GPU if there is one, else in CPU-only mode."""
+    """Decode one JPEG for real with DALI: the "mixed" (nvJPEG) decoder with a GPU, the CPU one without."""
     import numpy as np
     import torch
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import fn, pipeline_def, types
 
     gpu = torch.cuda.is_available()
+    data = np.frombuffer(_jpeg_bytes(), dtype=np.uint8)
 
-    @pipeline_def(batch_size=2, num_threads=1, device_id=0 if gpu else None)
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if gpu else None)
     def pipe():
-        x = fn.random.uniform(range=(0.0, 1.0), shape=(3,))
-        return x.gpu() if gpu else x
+        jpeg = fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8)
+        return fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
     p = pipe()
     p.build()
     (out,) = p.run()
     if gpu:
         out = out.as_cpu()
-    assert np.asarray(out.as_array()).shape == (2, 3)
-    return "GPU (mixed decode)" if gpu else "CPU-only mode (device_id=None)"
+    shape = np.asarray(out.as_array()).shape
+    assert shape == (1, 48, 64, 3), shape
+    return "GPU: decoded a JPEG with nvJPEG (mixed)" if gpu else "CPU-only mode (device_id=None): decoded a JPEG"
+
+
+def _check_torch_gpu_decode() -> str:
+    """The torch backend's GPU path: torchvision.io.decode_jpeg on CUDA (nvJPEG), one real JPEG."""
+    import torch
+    from torchvision.io import decode_jpeg
+    if not torch.cuda.is_available():
+        return "no GPU: host decode (PIL)"
+    img = decode_jpeg(torch.frombuffer(bytearray(_jpeg_bytes()), dtype=torch.uint8), device="cuda")
+    assert img.is_cuda and tuple(img.shape) == (3, 48, 64), tuple(img.shape)
+    return "GPU decode (torchvision nvJPEG) and host decode (PIL)"
 
 
 def _check_ffcv() -> str:
@@ -69,7 +95,7 @@ def collect() -> dict:
                          ("typer", ("typer",)), ("rich", ("rich",))):
         versions[label] = _dist_version(dists)
     report["versions"] = versions
-    backends = {"torch": (True, "torchvision ImageFolder + DataLoader (reference)")}
+    backends = {"torch": _try(_check_torch_gpu_decode)}
     backends["dali"] = _try(_check_dali)
     backends["ffcv"] = _try(_check_ffcv)
     report["backends"] = {k: {"works": ok, "detail": d} for k, (ok, d) in backends.items()}
@@ -96,6 +122,7 @@ def _bf16_ok() -> str:
 
 def render(report: dict, console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title="fastrefine doctor", show_header=False)
     t.add_column(style="bold")
@@ -111,5 +138,5 @@ def render(report: dict, console) -> None:
     for col in ("backend", "works here", "detail"):
         b.add_column(col)
     for name, info in report["backends"].items():
-        b.add_row(name, "[green]yes[/]" if info["works"] else "[red]no[/]", info["detail"])
+        b.add_row(name, "yes" if info["works"] else "no", Text(info["detail"]))
     console.print(b)
