@@ -25,10 +25,8 @@ import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from PIL import Image
-
-from fastrefine.bench import make_record, measure, spread, write_json
-from fastrefine.fashion_mnist import load_fashion_mnist
+# Nothing heavy at module level: the converter's spawn workers import this module again as __mp_main__,
+# and torch (which fastrefine.bench imports) would cost every worker seconds of start-up.
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -36,6 +34,10 @@ CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", 
 
 def make_folder(*, root: Path, n: int, size: tuple[int, int]) -> Path:
     """root/train/<class>/*.JPEG and a small root/val, from the first n Fashion-MNIST training images."""
+    from PIL import Image
+
+    from fastrefine.fashion_mnist import load_fashion_mnist
+
     images, labels = load_fashion_mnist("train", FMNIST)
     for split, idx in (("train", range(n)), ("val", range(min(50, n)))):
         for name in CLASSES:
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="build the folders here and keep them")
     parser.add_argument("--rss-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from fastrefine.bench import make_record, measure, spread, write_json
     if args.rss_child:
         peak_rss_child(*args.rss_child, workers=args.workers, max_side=args.max_side)
         return
