@@ -48,7 +48,7 @@ def test_missing_recipe_and_bad_usage_exit_2(tmp_path):
     assert res.exit_code == 2
 
 
-def test_runtime_failure_exits_1(tmp_path, demo_tree):
+def test_bad_input_exits_2_and_runtime_failure_exits_1(tmp_path, demo_tree):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f"""
 [run]
@@ -71,7 +71,11 @@ refinery = "{tmp_path}/missing.pt"
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     recipe.write_text(recipe.read_text().replace("missing.pt", "broken.pt"))
     res = runner.invoke(app, ["run", str(recipe)])
-    assert res.exit_code == 1 and "broken.pt: cannot read checkpoint" in res.output
+    assert res.exit_code == 2 and "broken.pt: not a readable fastrefine checkpoint" in res.output  # bad input
+    recipe.write_text(recipe.read_text().replace(f'refinery = "{tmp_path}/broken.pt"', ""))
+    res = runner.invoke(app, ["run", str(recipe), "--set", "optim.lr=1e30", "--set", "run.log_every=1",
+                              "--set", "schedule.kind='constant'", "--set", "run.max_steps_per_epoch=2"])
+    assert res.exit_code == 1 and "loss became" in res.output  # a failure while running
 
 
 def test_doctor_reports_backends():

@@ -105,4 +105,21 @@ def test_resolved_recipe_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     r = load_recipe(path)
-    assert r.rounds
+    # the resolved recipe written into a run folder loads back to the same recipe
+    assert recipe_from_dict(tomllib.loads(to_toml(recipe_to_dict(r)))) == dataclasses.replace(r, source="<dict>")
+    assert path.read_text().lstrip().startswith("#")  # a header says what the recipe is and what it reached
+
+
+def test_inherit_means_left_out_and_zero_means_zero(tmp_path):
+    from fastrefine.recipe import round_lr, round_seed
+    text = BASE + '\n[[rounds]]\nname = "b"\nepochs = 1\nlr = 0.0\nseed_from = "' + "{first}" + '"\n'
+    r0 = load_recipe(write(tmp_path, BASE))
+    first = r0.rounds[0].name
+    r = load_recipe(write(tmp_path, text.replace("{first}", first)))
+    assert r.rounds[0].lr is None and round_lr(r, 0, world_size=1) > 0   # left out: [optim].lr
+    assert round_lr(r, len(r.rounds) - 1, world_size=1) == 0.0            # lr = 0 means zero
+    assert round_seed(r, len(r.rounds) - 1) == round_seed(r, 0)          # seed_from: the same seed
+    two = round_lr(r, 0, world_size=2)
+    assert two == pytest.approx(2 * round_lr(r, 0, world_size=1))       # linear in the global batch
+    with pytest.raises(RecipeError, match="moved to each round"):
+        load_recipe(write(tmp_path, BASE), ["optim.label_smoothing=0.1"])
