@@ -187,7 +187,7 @@ def test_set_resolution_changes_the_output_size(train_loaders, backend):
 
 def test_dali_train_ranks_run_equal_full_batches(data):
     parts = [loader(data, "dali", split="train", rank=r, world_size=3, batch_size=8, seed=1) for r in range(3)]
-    assert [len(p) for p in parts] == [112 // 3 // 8] * 3  # shards of 37/37/38 -> 4 full batches each
+    assert [len(p) for p in parts] == [112 // 3 // 8] * 3  # 112 // 3 = 37 a rank -> 4 full batches each
     assert [sum(len(y) for _, y in p) for p in parts] == [32] * 3
 
 
