@@ -53,8 +53,8 @@ class _Samples(Dataset):
     def __getitem__(self, index: int):
         blob = self.table.read(index)
         label = int(self.table.labels[index])
-        if not self.decode_here:
-            return torch.from_numpy(blob.copy()), label, index
+        if not self.decode_here:  # bytes, not a tensor: a worker's tensors each cross in shared memory
+            return blob.tobytes(), label, index
         try:
             with Image.open(io.BytesIO(blob.tobytes())) as im:
                 img = im.convert("RGB")
@@ -137,8 +137,9 @@ class TorchLoader(LoaderBase):
                 x, labels = self._device_batch(*batch)
             yield x, labels.to(o.device, non_blocking=True)
 
-    def _device_batch(self, blobs: list[torch.Tensor], labels: torch.Tensor, index: list[int]):
+    def _device_batch(self, blobs: list[bytes], labels: torch.Tensor, index: list[int]):
         o = self.opts
+        blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         images = gpu_decode.decode_batch(blobs, o.device, where=lambda i: self.table.where(index[i]))
         boxes, flips = [], []
         for img, i in zip(images, index):
