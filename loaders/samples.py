@@ -189,8 +189,9 @@ def table_from_folder(root: Path) -> SampleTable:
     for label, cls in enumerate(classes):
         for dirpath, dirnames, names in os.walk(root / cls, followlinks=True):
             dirnames.sort()
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in sorted(names):
-                if name.lower().endswith(IMAGE_SUFFIXES):
+                if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
                     files.append(os.path.join(dirpath, name))
                     labels.append(label)
     if not files:
@@ -200,12 +201,51 @@ def table_from_folder(root: Path) -> SampleTable:
                        np.full(n, -1, np.int64), np.asarray(labels, np.int64))
 
 
+def table_from_source(data: Path, split: str) -> SampleTable:
+    """A dataset converted to FFCV only (no shards): the source tree, less every file the converter
+    skipped (the manifest's list), labelled by the manifest's class order; refused unless what is left
+    is exactly what the converter counted."""
+    manifest = read_manifest(data)
+    where = data / MANIFEST_NAME
+    source = Path(manifest.raw.get("source", ""))
+    folder = manifest.folder(split) or source / split
+    if not folder.is_dir():
+        raise UsageError(f"{where}: split {split!r} has no DALI shards and its source tree {folder} is not "
+                         f"a folder; convert with --format dali or both")
+    skipped = {os.path.normpath(source / s["path"]) for s in manifest.raw.get("skipped", []) if "path" in s}
+    index = {c.wnid: c.index for c in manifest.classes}
+    table = table_from_folder(folder)
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise UsageError(f"{folder}: class folders {unknown[:5]} are not in {where}")
+    def was_skipped(path: str) -> bool:   # the file, or a folder above it (a nested folder is listed once)
+        path = Path(os.path.normpath(path))
+        return any(str(p) in skipped for p in (path, *path.parents[:-1]) if len(p.parts) > len(folder.parts) - 1)
+
+    keep = [i for i, f in enumerate(table.files) if not was_skipped(f)]
+    labels = np.asarray([index[classes[table.labels[i]]] for i in keep], np.int64)
+    want = manifest.split(split).get("label_counts")
+    got = np.bincount(labels, minlength=len(want or [])).tolist()
+    if len(keep) != manifest.count(split) or (want is not None and got != list(want)):
+        raise UsageError(f"{where}: split {split!r} has no DALI shards and its source tree {folder} no longer "
+                         f"matches what was converted ({len(keep)} images left after the skipped list, "
+                         f"{manifest.count(split)} converted); convert with --format dali or both")
+    files = tuple(table.files[i] for i in keep)
+    n = len(files)
+    return SampleTable("folder", files, np.arange(n, dtype=np.int32), np.zeros(n, np.int64),
+                       np.full(n, -1, np.int64), labels)
+
+
 def sample_table(data: Path, split: str) -> SampleTable:
-    """The converted shards of `split` when `data` has a manifest, else the ImageFolder tree
+    """The converted shards of `split` when `data` has a manifest (a dataset converted to FFCV only:
+    its source tree less the files the converter skipped), else the ImageFolder tree
     `data/split/<class>/...` (or `data/<class>/...`)."""
     data = Path(data)
     if (data / MANIFEST_NAME).is_file():
-        return table_from_shards(data, split)
+        if read_manifest(data).split(split).get("dali"):
+            return table_from_shards(data, split)
+        return table_from_source(data, split)
     root = data / split if (data / split).is_dir() else data
     return table_from_folder(root)
 

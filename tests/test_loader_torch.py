@@ -88,6 +88,32 @@ def test_reads_the_converted_shards_not_the_source_folder(dataset):
         assert collections.Counter(labels.tolist()) == {c: per_class for c in range(CLASSES)}
 
 
+def test_ffcv_only_conversion_reads_the_source_less_the_skipped_files(dataset, tmp_path):
+    """No shards (converted to FFCV only): the source tree less the manifest's skipped list, in the
+    manifest's class order; refused, naming the manifest, when the tree no longer matches."""
+    import json
+    conv, tree = dataset
+    raw = json.loads((conv / "manifest.json").read_text())
+    raw["source"] = str(tree)
+    for entry in raw["splits"].values():
+        entry.pop("dali", None)
+    ffcv_only = tmp_path / "ffcv-only"
+    ffcv_only.mkdir()
+    (ffcv_only / "manifest.json").write_text(json.dumps(raw))
+    ld = loader(ffcv_only, split="train", shuffle=False, drop_last=False)
+    assert ld.table.kind == "folder" and not any("zz-not-a-jpeg" in f for f in ld.table.files)
+    images, labels = epoch(ld)
+    assert collections.Counter(labels.tolist()) == {c: TRAIN_PER_CLASS for c in range(CLASSES)}
+    extra = sorted((tree / "train").iterdir())[0] / "zz-added-later.jpg"
+    shutil.copy(next(sorted((tree / "train").iterdir())[1].glob("*.JPEG")), extra)
+    try:
+        with pytest.raises(UsageError, match="no longer matches") as err:
+            loader(ffcv_only, split="train")
+        assert str(ffcv_only / "manifest.json") in str(err.value)
+    finally:
+        extra.unlink()
+
+
 def test_plain_imagefolder_tree_without_manifest(dataset, tmp_path):
     _, tree = dataset
     clean = small_tree(tree, tmp_path / "clean")      # without the non-JPEG file
