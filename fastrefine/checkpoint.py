@@ -19,12 +19,15 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import RunError, UsageError
+
+# torch and numpy are imported inside the functions that need them: the converter uses the atomic
+# writers and markers here and should not pay for importing torch.
 
 log = logging.getLogger("fastrefine")
 
@@ -130,12 +133,14 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------ checkpoints
 
 def save_atomic(obj: Any, path: Path) -> None:
+    import torch
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load(path: Path, map_location: "str | torch.device" = "cpu") -> dict:
     """Read a fastrefine checkpoint. A missing, truncated or foreign file is bad input (exit 2) with one
     line naming the file and what it is not."""
+    import torch
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: checkpoint not found")
@@ -157,12 +162,12 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def weights(model: torch.nn.Module, meta: dict) -> dict:
+def weights(model: "torch.nn.Module", meta: dict) -> dict:
     """The weights layout: what best.pt holds and a refinery needs."""
     return {"model": model.state_dict(), "meta": meta}
 
 
-def save_weights(path: Path, *, model: torch.nn.Module, meta: dict) -> None:
+def save_weights(path: Path, *, model: "torch.nn.Module", meta: dict) -> None:
     save_atomic(weights(model, meta), path)
 
 
@@ -183,6 +188,8 @@ def copy_as_weights(src: Path, dst: Path) -> None:
 
 def rng_state() -> dict:
     """This process's RNG states (python, numpy, torch CPU and CUDA), as CPU tensors and plain data."""
+    import numpy as np
+    import torch
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
              "python": random.getstate(),
@@ -193,12 +200,15 @@ def rng_state() -> dict:
 
 
 def _cpu(t):
+    import torch
     return t.cpu() if isinstance(t, torch.Tensor) else t
 
 
 def set_rng_state(state: dict) -> None:
     """Restore what rng_state() returned. Works whatever device the checkpoint was mapped to: every
     tensor is moved to the CPU first (torch.set_rng_state takes a CPU ByteTensor only)."""
+    import numpy as np
+    import torch
     torch.set_rng_state(_cpu(state["torch"]).to(torch.uint8))
     random.setstate(_tuplify(state["python"]))
     kind, keys, *rest = state["numpy"]

@@ -172,14 +172,21 @@ epochs = 1
 """)
     out = tmp_path / "train.json"
     _invoke(["bench", "train", str(recipe), "--steps", "2", "--warmup", "1", "--set", "loader.batch_size=8",
-             "--json", str(out)])
+             "--baseline", "--json", str(out)])
     rec = _load(out, "train")
     assert rec["settings"]["batch_size"] == 8 and rec["settings"]["round"] == "refined"
-    assert rec["settings"]["refinery"].startswith("tiny_cnn")
+    # the round as `run` builds it: its refinery round has not run, so its architecture with random weights
+    assert rec["settings"]["refinery"] == "labels (tiny_cnn, random weights)"
+    cases = [r["case"] for r in rec["results"]]
+    assert cases == ["fastrefine end to end (engine.train_epoch)", "torchvision baseline, fp32",
+                     "torchvision baseline, channels_last + bf16", "loader alone", "step alone (one real batch reused)"]
+    for r in rec["results"][:3]:
+        assert [lp["images"] for lp in r["loops"]] == [16] * 3  # 2 steps of 8 images, 3 alternating repeats
     s = rec["summary"]
-    assert 0 <= s["data_wait_fraction"] <= 1 and isinstance(s["input_bound"], bool)
-    assert s["min_alone_images_per_s"] == min(s["loader_alone_images_per_s"], s["step_alone_images_per_s"])
-    assert [r["case"] for r in rec["results"]][0].startswith("end to end")
+    e2e = rec["results"][0]["images_per_s"]["median"]
+    assert s["over_baseline_fp32"] == pytest.approx(e2e / rec["results"][1]["images_per_s"]["median"])
+    assert s["end_to_end_over_step_alone"] == pytest.approx(e2e / s["step_alone_images_per_s"])
+    assert rec["settings"]["torch_threads_in_epoch"] >= 1 and rec["settings"]["thread_plan"].startswith("CPU")
 
 
 # ------------------------------------------------------------------------------------------ errors
