@@ -6,8 +6,10 @@
     (b) a stronger refinery: a bigger net on labels refines the small net, vs self-refinement (a, round 1);
     (c) adversarial jittering on vs off for one refined round (refinery: the chain's round 0).
 
-Every comparison is paired: the refined rounds of (a), (b) and (c) share the student's initial weights
-and the crop order (same run seed and round index), so they differ only in what (a)/(b)/(c) change.
+Every comparison is paired: each refined round of (a), (b) and (c) has `seed_from = "labels"`, so it
+starts from the same initial weights as the student's round on labels and draws the same crops (the
+labels round of (b) and (c) is the chain's own, copied in); they differ only in what (a)/(b)/(c) change.
+The refinery of (b) may train longer than the student (--big-epochs).
 
     .venv/bin/python tools/make_demo_data.py data/fm-2k --size 32 --limit-per-class 2000
     nice -n 5 .venv/bin/python tools/reproduce.py --data data/fm-2k --out runs/repro --seeds 0 1 2
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fastrefine.recipe import recipe_from_dict
-from fastrefine.rounds import run_recipe
+from fastrefine.chain import run_recipe
 
 
 # --------------------------------------------------------------------------------------------- recipes
@@ -42,9 +44,9 @@ def base_recipe(a: argparse.Namespace, *, name: str, seed: int) -> dict:
                 "progress": False},
         "data": {"path": str(a.data)},
         "loader": {"backend": "torch", "batch_size": a.batch_size, "workers": a.workers,
-                   "resolution": a.resolution, "val_crop_ratio": 1.0, "scale": list(a.scale)},
+                   "resolution": a.resolution, "val_crop_ratio": 1.0, "scale": list(a.scale), "flip": a.flip},
         "model": {"name": a.model, "options": {"width": a.width}},
-        "optim": {"lr": a.lr, "weight_decay": 5e-5, "nesterov": True},
+        "optim": {"lr": a.lr, "lr_scaling": "none", "weight_decay": 5e-5, "nesterov": True},  # lr for this batch
         "schedule": {"kind": "triangular", "peak_epoch": max(1, a.epochs // 4)},
         "refinery": {"loss": "soft_ce", "bn": "eval", "use": "last",
                      "adversarial": {"fraction": 0.0, "epsilon": a.epsilon}},
@@ -55,17 +57,18 @@ def base_recipe(a: argparse.Namespace, *, name: str, seed: int) -> dict:
 def chain_recipe(a, seed: int) -> dict:
     r = base_recipe(a, name=f"chain-s{seed}", seed=seed)
     r["rounds"] = [{"name": "labels", "epochs": a.epochs, "refinery": "none"}]
-    r["rounds"] += [{"name": f"refined-{k}", "epochs": a.epochs, "refinery": "previous"}
+    r["rounds"] += [{"name": f"refined-{k}", "epochs": a.epochs, "refinery": "previous", "seed_from": "labels"}
                     for k in range(1, a.chain_rounds + 1)]
     return r
 
 
 def strong_recipe(a, seed: int) -> dict:
     r = base_recipe(a, name=f"strong-s{seed}", seed=seed)
-    r["rounds"] = [{"name": "big-labels", "epochs": a.epochs, "refinery": "none", "model": a.big_model,
-                    "model_options": {"width": a.big_width}},
-                   # index 1, like the chain's refined-1: same seed, same initial weights, same crops
-                   {"name": "small-by-big", "epochs": a.epochs, "refinery": "previous"}]
+    # round "labels" is the chain's own (copied in by share_round0, so it is skipped)
+    r["rounds"] = [{"name": "labels", "epochs": a.epochs, "refinery": "none"},
+                   {"name": "big-labels", "epochs": a.big_epochs or a.epochs, "refinery": "none",
+                    "model": a.big_model, "model_options": {"width": a.big_width}},
+                   {"name": "small-by-big", "epochs": a.epochs, "refinery": "big-labels", "seed_from": "labels"}]
     return r
 
 
@@ -74,7 +77,7 @@ def adv_recipe(a, seed: int) -> dict:
     r["refinery"]["adversarial"]["fraction"] = a.adv_fraction
     # round 0 is the chain's own (copied in, so it is skipped); round 1 pairs with the chain's refined-1
     r["rounds"] = [{"name": "labels", "epochs": a.epochs, "refinery": "none"},
-                   {"name": "refined-1-adv", "epochs": a.epochs, "refinery": "previous"}]
+                   {"name": "refined-1-adv", "epochs": a.epochs, "refinery": "labels", "seed_from": "labels"}]
     return r
 
 
@@ -82,9 +85,9 @@ def run(raw: dict) -> list[dict]:
     return run_recipe(recipe_from_dict(raw, source=f"tools/reproduce.py:{raw['run']['name']}"))
 
 
-def share_round0(a, seed: int) -> None:
-    """The adv run reuses the chain's round 0 (done.json makes fastrefine skip it)."""
-    src, dst = a.out / f"chain-s{seed}" / "labels", a.out / f"adv-s{seed}" / "labels"
+def share_round0(a, seed: int, run_name: str) -> None:
+    """Runs (b) and (c) reuse the chain's round 0 (done.json makes fastrefine skip it)."""
+    src, dst = a.out / f"chain-s{seed}" / "labels", a.out / run_name / "labels"
     if not (dst / "done.json").is_file():
         shutil.copytree(src, dst, dirs_exist_ok=True)
 
@@ -103,9 +106,10 @@ def train_view(data: Path, out: Path) -> Path:
 
 def clean_top1(checkpoint: Path, data: Path, a) -> float:
     """top-1 of a checkpoint on `data`'s val/ folder with the val transform (whole image, no flip)."""
-    from fastrefine.engine import evaluate, resolve_precision
+    from fastrefine.engine import evaluate
     from fastrefine.loaders import build
-    from fastrefine.rounds import load_model_from_checkpoint
+    from fastrefine.precision import resolve_precision
+    from fastrefine.round import load_model_from_checkpoint
     model, _ = load_model_from_checkpoint(checkpoint, device=torch.device("cpu"))
     loader = build(data=data, backend="torch", split="val", batch_size=500, resolution=a.resolution,
                    device=torch.device("cpu"), workers=a.workers, val_crop_ratio=1.0)
@@ -184,7 +188,7 @@ def tables(res: dict, a) -> str:
     if res["big"]:
         b0, b1 = _of(res, r0, res["b_seeds"]), _of(res, r1, res["b_seeds"])
         out += ["", f"**(b) Stronger refinery** ({a.big_model} width {a.big_width} on labels -> {a.model} width "
-                f"{a.width}; seeds {res['b_seeds']})", "", "| model | val top-1 | gap train - val |", "|---|---|---|"]
+                f"{a.width}; refinery {a.big_epochs or a.epochs} epochs; seeds {res['b_seeds']})", "", "| model | val top-1 | gap train - val |", "|---|---|---|"]
         for label, rows in [(f"{a.big_model} w{a.big_width} on labels (the refinery)", res["big"]),
                             (f"{a.model} on labels", b0), (f"{a.model} refined by itself (a, refined-1)", b1),
                             (f"{a.model} refined by {a.big_model}", res["small_by_big"])]:
@@ -269,6 +273,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--big-model", default="small_resnet")
     ap.add_argument("--big-width", type=int, default=32)
+    ap.add_argument("--big-epochs", type=int, default=0, help="epochs of (b)'s refinery (0: --epochs)")
+    ap.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip in training")
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="RandomResizedCrop area range")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -290,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in a.seeds:
             run(chain_recipe(a, s))
             if "b" in a.parts:
+                share_round0(a, s, f"strong-s{s}")
                 run(strong_recipe(a, s))
             if "c" in a.parts:
-                share_round0(a, s)
+                share_round0(a, s, f"adv-s{s}")
                 run(adv_recipe(a, s))
     train_minutes = (time.perf_counter() - started) / 60
     res = collect(a, a.seeds)
