@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 
-DEFAULT_SCALE = (0.08, 1.0)
-DEFAULT_RATIO = (3 / 4, 4 / 3)
+from .loaders.base import DEFAULT_RATIO, DEFAULT_SCALE  # the training loaders' crop ranges
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ Idempotent: a split whose marker file matches the settings is left alone.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .checkpoint import atomic_write, read_json_marker, write_json
 from .errors import UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -71,9 +71,7 @@ def _write_chunk(args) -> int:
     for index, label, pixels in items:
         path = Path(out_dir) / WNIDS[label] / f"{index:05d}.JPEG"
         img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
-        tmp = path.with_name(path.name + ".tmp")
-        img.save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh, img=img: img.save(fh, format="JPEG", quality=quality))
     return len(items)
 
 
@@ -93,7 +91,7 @@ def export_fashion_mnist(out: str | Path, *, size: int = 64, quality: int = 90,
         images, labels = load_fashion_mnist(split, source)
         idx = select(labels, limit_per_class)
         marker = out / f".fastrefine-demo-{split}.json"  # beside, not inside, the split: no stray file in it
-        done = json.loads(marker.read_text()) if marker.is_file() else None
+        done = read_json_marker(marker)
         if done == {**settings, "count": len(idx)}:
             counts[split] = len(idx)
             continue
@@ -103,7 +101,7 @@ def export_fashion_mnist(out: str | Path, *, size: int = 64, quality: int = 90,
         chunks = [items[k:k + 500] for k in range(0, len(items), 500)]
         jobs = [(str(out / split), size, quality, c) for c in chunks]
         _run_jobs(jobs, total=len(items), label=f"demo {split}", workers=workers, progress=progress)
-        marker.write_text(json.dumps({**settings, "count": len(idx)}))
+        write_json(marker, {**settings, "count": len(idx)})
         counts[split] = len(idx)
     return counts
 

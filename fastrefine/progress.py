@@ -17,7 +17,7 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else f"{speed:.0f} {self.unit}", style="progress.data.speed")
+        return Text(f"- {self.unit}" if speed is None else f"{speed:,.0f} {self.unit}", style="progress.data.speed")
 
 
 def progress_bar(*, disable: bool = False, unit: str = "img/s", console: Console | None = None) -> Progress:

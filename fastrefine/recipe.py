@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import UsageError
+from .loaders.base import DEFAULT_RATIO, DEFAULT_SCALE
 from .loaders.options import DaliOptions, FfcvOptions, TorchOptions
 
 
@@ -81,8 +82,8 @@ class LoaderConfig:
     resolution: int = _field(224, lo=8, hi=4096, doc="train crop size (when progressive is not set)")
     val_resolution: int | None = _field(None, lo=8, hi=4096, doc="not set: same as the final train resolution")
     val_crop_ratio: float = _field(0.875, lo=0.0, hi=1.0, lo_open=True)
-    scale: tuple[float, float] = _field((0.08, 1.0), lo=0.0, hi=1.0, doc="RandomResizedCrop area range")
-    ratio: tuple[float, float] = _field((0.75, 4 / 3), lo=0.0, lo_open=True, doc="RandomResizedCrop aspect range")
+    scale: tuple[float, float] = _field(DEFAULT_SCALE, lo=0.0, hi=1.0, doc="RandomResizedCrop area range")
+    ratio: tuple[float, float] = _field(DEFAULT_RATIO, lo=0.0, lo_open=True, doc="RandomResizedCrop aspect range")
     flip: bool = _field(True, doc="random horizontal flip in training (false for digits, text)")
     progressive: ProgressiveConfig | None = _field(None, doc="progressive resizing; off when absent")
     ffcv: FfcvOptions = _field(FfcvOptions(), doc="FFCV backend options")

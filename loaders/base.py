@@ -12,6 +12,8 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
+DEFAULT_SCALE = (0.08, 1.0)     # RandomResizedCrop's area range (torchvision's, the paper's)
+DEFAULT_RATIO = (3 / 4, 4 / 3)  # and its aspect-ratio range
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -53,8 +55,8 @@ class LoaderOptions:
     world_size: int = 1
     seed: int = 0
     workers: int = 2
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[float, float] = DEFAULT_SCALE
+    ratio: tuple[float, float] = DEFAULT_RATIO
     val_crop_ratio: float = 0.875
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

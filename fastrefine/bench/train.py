@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .protocol import MIN_REPEATS, cycle, first_call, make_record, make_sync, measure, rates, spread
+from .protocol import MIN_REPEATS, cycle, make_record, make_sync, measure, rates, spread
 
 
 def _epoch_case(parts, *, epoch: int, steps: int) -> dict:

@@ -18,7 +18,6 @@ lists every output file with its size and sampled checksum (`fastrefine.manifest
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -32,12 +31,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
 from ..checkpoint import clean_stale_temporaries, read_json_marker, write_text
+from ..progress import RateColumn
 from ..errors import RunError, UsageError
 from ..manifest import FILES_KEY, MANIFEST_NAME, MANIFEST_VERSION, file_digest
 from .imaging import Cleaned, clean_many
@@ -151,7 +151,7 @@ def _run_splits(*, scan: SourceScan, out: Path, shard_dir: Path, settings: dict,
     """Stage 1 (clean shards) for every split with the pool, then stage 2 (the .beton files)."""
     runs = []
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-               _RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+               RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with _Pool(workers=opts.processes) as pool, \
             Progress(*columns, console=console, disable=not opts.progress) as bar:
         for name, split in scan.splits.items():
@@ -308,12 +308,6 @@ def _print_summary(*, console: Console, runs: list[SplitRun], out: Path) -> None
         table.add_row(run.name, str(run.summary["count"]), str(run.encoded), str(len(run.summary["skipped"])),
                       reasons, f"{run.seconds:.1f}", rate)
     console.print(table)
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("- img/s" if speed is None else f"{speed:,.0f} img/s")
 
 
 class _Pool:
