@@ -87,29 +87,13 @@ def collect() -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_bf16_autocast": _try(lambda: _bf16_ok())[0],
     }
-    versions = {}
-    # distribution metadata, not module __version__ (ffcv 1.0.2 reports "0.0.3rc1" from its module)
-    for label, dists in (("nvidia-dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")),
-                         ("ffcv", ("ffcv",)), ("numpy", ("numpy",)), ("numba", ("numba",)),
-                         ("opencv", ("opencv-python", "opencv-python-headless")), ("pillow", ("pillow",)),
-                         ("typer", ("typer",)), ("rich", ("rich",))):
-        versions[label] = _dist_version(dists)
-    report["versions"] = versions
+    from .environment import versions
+    report["versions"] = {k: (v or "not installed") for k, v in versions().items()}
     backends = {"torch": _try(_check_torch_gpu_decode)}
     backends["dali"] = _try(_check_dali)
     backends["ffcv"] = _try(_check_ffcv)
     report["backends"] = {k: {"works": ok, "detail": d} for k, (ok, d) in backends.items()}
     return report
-
-
-def _dist_version(names) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    for name in names:
-        try:
-            return f"{version(name)} ({name})" if len(names) > 1 else version(name)
-        except PackageNotFoundError:
-            continue
-    return "not installed"
 
 
 def _bf16_ok() -> str:
