@@ -230,3 +230,28 @@ def test_compare_runs_tool(tmp_path, demo_tree):
     res = subprocess.run([sys.executable, str(ROOT / "tools/compare_runs.py"), str(tmp_path / "nothing")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "not a folder" in res.stderr
+
+
+@pytest.mark.slow
+def test_batch_mode_refinery_is_evaluated_on_shuffled_val_batches(tmp_path, demo_tree):
+    """BN batch statistics on class-sorted val batches (each nearly one class) say little about the refinery:
+    its own val accuracy is measured on shuffled batches, and logged as such."""
+    from fastrefine.engine import evaluate
+    from fastrefine.loaders import build
+    from fastrefine.refinery import Refinery
+    from fastrefine.round import load_model_from_checkpoint
+    rounds = '\n[[rounds]]\nname = "r0"\nepochs = 5\n[[rounds]]\nname = "r1"\nepochs = 1\n'
+    p = make_recipe(tmp_path, demo_tree, name="bnbatch", rounds=rounds, extra='[refinery]\nbn = "batch"')
+    run_recipe(load_recipe(p))
+    logged = [json.loads(x) for x in (tmp_path / "runs/bnbatch/r1/metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "refinery"][0]
+    assert logged["shuffled_val"] is True
+    model, _ = load_model_from_checkpoint(tmp_path / "runs/bnbatch/r0/last.pt", device=torch.device("cpu"))
+    ref = Refinery(model, bn="batch")
+    kw = dict(data=demo_tree, backend="torch", split="val", batch_size=32, resolution=32, device=torch.device("cpu"),
+              workers=0, val_crop_ratio=1.0, seed=3)
+    fp32 = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    sorted_top1 = evaluate(ref.model, build(**kw), autocast=fp32, set_eval=False)["top1"]
+    shuffled_top1 = evaluate(ref.model, build(**kw, shuffle=True), autocast=fp32, set_eval=False)["top1"]
+    assert shuffled_top1 > sorted_top1 + 0.05  # what the sorted order would have logged is far lower
+    assert logged["val_top1"] == pytest.approx(shuffled_top1, abs=0.03)  # bf16 in the run, fp32 here
