@@ -18,6 +18,9 @@ def _opt(default, *, lo: float | None = None, hi: float | None = None, doc: str 
 
 @dataclass(frozen=True)
 class FfcvOptions:
+    decoder: Literal["fast", "stock"] = _opt(
+        "fast", doc="fast: fastrefine's decoder (seeded per-sample boxes and flips, reproducible; decodes at the "
+                    "size the box needs); stock: FFCV's own crop decoders (unseeded crops), for comparison")
     order: Literal["random", "quasi_random"] = _opt(
         "random", doc="quasi_random reads pages in a shuffled order: for datasets larger than RAM (with os_cache = false)")
     os_cache: bool = _opt(True, doc="true: the OS page cache holds the file; false: FFCV's own process cache")

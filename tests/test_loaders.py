@@ -290,19 +290,3 @@ def test_gpu_dali_train_mixed_decode(data):
     x, y = next(iter(ld))
     assert x.is_cuda and x.dtype == torch.bfloat16 and x.shape == (16, 3, RES, RES)
     assert x.is_contiguous(memory_format=torch.channels_last) and y.is_cuda
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
-def test_normalize_cast_kernel_normalises_casts_and_flips(dtype, flip_prob):
-    """NormalizeCast's kernel run as plain Python (FFCV jit-compiles the same function): every pixel
-    becomes (x - mean) / std rounded to `dtype`, mirrored left-right when the flip is drawn."""
-    from fastrefine.loaders.ffcv import normalize_cast_op
-    mean, std = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
-    op = normalize_cast_op(mean, std, dtype, flip_prob)
-    images = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
-    dst = np.zeros(images.shape, op.storage)
-    out = torch.from_numpy(op.generate_code()(images, dst)).view(dtype)
-    src = torch.from_numpy(np.ascontiguousarray(images[:, :, ::-1]) if flip_prob else images)
-    want = src.float() * torch.tensor(op.scale) + torch.tensor(op.shift)
-    assert torch.equal(out, want.to(dtype))

@@ -4,12 +4,14 @@
 
 Builds (once) an ImageNet-sized tree of real Fashion-MNIST photos as 500x375 RGB JPEGs (mosaics with
 ImageNet's bytes per image by default, see make_tree), converts it with `convert_dataset` (max side
-256, q90), then times each backend's train split at 224 px, `--repeats` times each (median, min, max).
+`--max-side`, default 256, q90), then times each backend's train split at `--res` (224) px, `--repeats` times each (median, min, max).
 Loaders are timed with `fastrefine bench`'s own protocol (`time_batches`: first batch apart, warm-up
 batches, then repeats of timed batches). Rows that are not loaders, to show where the time goes:
 "decode" (the ceiling: FFCV's TurboJPEG decode only, a process per core), "decode-cv2" (OpenCV's),
-"decode+resize" (decode + random crop + resize to 224 in numba threads, nothing else: the least any
-loader must do) and "ffcv-uint8" (the FFCV loader's decode + crop + resize + flip, uint8 out).
+"decode+resize" (full decode + random crop + resize to 224 in numba threads, nothing else: what a
+loader that decodes whole images must at least do) and "ffcv-uint8" (the FFCV loader's decode + crop
++ resize + flip, uint8 out). "ffcv" uses fastrefine's FFCV decoder (the default), "ffcv-stock" FFCV's
+own; `fastrefine bench loader --ffcv-decoders fast,stock --rounds N` times the two in turn.
 """
 
 from __future__ import annotations
@@ -77,9 +79,10 @@ def jpeg_stats(items: list) -> dict:
 
 def decode_resize_bound(items: list, *, batch: int, workers: int, res: int, batches: int,
                         repeats: int) -> list[float]:
-    """What any CPU loader of these files must at least do per train sample, with nothing else: FFCV's
-    own decode (TurboJPEG, fast DCT) + random crop + resize to res x res (OpenCV INTER_AREA), in numba
-    threads, into reused buffers; no flip, no normalisation, no loader machinery. Images/s per repeat.
+    """What a CPU loader that decodes whole images must at least do per train sample, with nothing else:
+    FFCV's own full decode (TurboJPEG, fast DCT) + random crop + resize to res x res (OpenCV INTER_AREA),
+    in numba threads, into reused buffers; no flip, no normalisation, no loader machinery. fastrefine's
+    FFCV decoder does less (it decodes at the size the crop needs) and can pass it. Images/s per repeat.
     `items`: (bytes, height, width) as for jpeg_stats."""
     import numba
     from ffcv.fields.rgb_image import get_random_crop
@@ -125,13 +128,14 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--res", type=int, default=224)
+    ap.add_argument("--max-side", type=int, default=256, help="the converted images' longer side")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="*",
-                    default=["decode", "decode-cv2", "decode+resize", "torchvision", "dali", "ffcv", "ffcv-torch",
-                             "ffcv-uint8"])
+                    default=["decode", "decode-cv2", "decode+resize", "torchvision", "dali", "ffcv", "ffcv-stock",
+                             "ffcv-torch", "ffcv-uint8"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
@@ -144,15 +148,16 @@ def main() -> None:
     def summary(stats: dict) -> dict:  # a fastrefine.bench spread, rounded for the table
         return dict(images_per_s=round(stats["median"]), min=round(stats["min"]), max=round(stats["max"]))
 
-    src, conv = args.work / "src", args.work / "conv"
+    src = args.work / "src"
+    conv = args.work / ("conv" if args.max_side == 256 else f"conv{args.max_side}")
     make_tree(src, images=args.images, content=args.content)
     if not (conv / "manifest.json").is_file():
         from fastrefine.convert import convert_dataset
-        convert_dataset(src=src, out=conv, layout="folder", max_side=256, quality=90, progress=False)
+        convert_dataset(src=src, out=conv, layout="folder", max_side=args.max_side, quality=90, progress=False)
     cpu = torch.device("cpu")
     common = dict(split="train", batch_size=args.batch, resolution=args.res, device=cpu,
                   dtype=getattr(torch, args.dtype), workers=args.workers)
-    converted = "converted, max side 256"
+    converted = f"converted, max side {args.max_side}"
     blobs, _ = jpeg_blobs(conv, split="train", limit=args.images, source="dali")
     items = prepare_blobs(blobs, decoder="turbo")  # (bytes, height, width): read once, used below
     results = {}
@@ -178,20 +183,26 @@ def main() -> None:
         elif name in ("ffcv-torch", "ffcv-uint8"):
             from fastrefine.loaders.ffcv import FfcvLoader
             ld = FfcvLoader(conv, LoaderOptions(**common), normalize_in="torch")
-            row = dict(out=args.dtype, normalize="device (torch ops on the uint8 batch)", data=converted)
+            row = dict(out=args.dtype, normalize="device (torch ops on the uint8 batch)", data=converted,
+                       decoder=ld.decoder)
             if name == "ffcv-uint8":
                 ld = RawFfcv(ld)
                 row = dict(out="uint8 NHWC", normalize="none (not a loader)", data=converted)
+        elif name == "ffcv-stock":
+            ld = build(data=conv, backend="ffcv", backend_options={"ffcv": {"decoder": "stock"}}, **common)
+            row = dict(out=args.dtype, normalize=f"{ld.normalize_on} (ffcv)", data=converted, decoder="stock")
         else:
             ld = build(data=conv, backend=name, **common)
             row = dict(out=args.dtype, normalize=f"{ld.normalize_on} ({name})", data=converted)
+            if name == "ffcv":
+                row["decoder"] = ld.decoder
         # fastrefine bench's own protocol: first batch apart (numba/DALI start-up), warm-up, repeats
         timed = time_batches(lambda: ld, batches=args.batches, warmup=args.warmup, repeats=args.repeats,
                              device=cpu)
         results[name] = dict(**row, **summary(timed["images_per_s"]))
         print(name, results[name], flush=True)
         del ld, timed
-    loaders = {k: v["images_per_s"] for k, v in results.items() if k in ("dali", "ffcv", "ffcv-torch")}
+    loaders = {k: v["images_per_s"] for k, v in results.items() if k in ("dali", "ffcv", "ffcv-stock", "ffcv-torch")}
     if loaders and "torchvision" in results and "decode" in results:
         best = max(loaders, key=loaders.get)
         results["ratios"] = dict(best=best, vs_baseline=round(loaders[best] / results["torchvision"]["images_per_s"], 2),
@@ -212,9 +223,14 @@ class RawFfcv:
     def __init__(self, loader):
         self.loader = loader
 
-    def __iter__(self):
-        for images, labels in self.loader._loader:
-            yield images, labels
+    def __iter__(self):  # through the loader's own epoch (seeded, stopped when dropped), minus _finish
+        loader = self.loader
+        it = loader._start_epoch()
+        try:
+            while (batch := loader._next_batch(it)) is not None:
+                yield batch
+        finally:
+            loader._stop(it)
 
 
 if __name__ == "__main__":

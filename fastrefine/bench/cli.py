@@ -43,22 +43,34 @@ def _show_decode(console, rec: dict) -> None:
 
 
 def _show_loader(console, rec: dict) -> None:
-    rows = [[r["backend"], _fmt_rate(r["images_per_s"]), r["dtype"], r["normalize_on"], f"{r['startup_s']:.1f}"]
-            if r.get("ok") else [r["backend"], "failed (below)", "-", "-", "-"] for r in rec["results"]]
+    from rich.markup import escape  # "ffcv[stock]" is a case name, not rich markup
+    rows = []
+    for r in rec["results"]:
+        if not r.get("ok"):
+            rows.append([escape(r["backend"]), "failed (below)", "-", "-", "-", "-", "-"])
+            continue
+        over = f"{r['over_ceiling']:.2f}" if "over_ceiling" in r else "-"
+        rows.append([escape(r["backend"]), r.get("decoder") or "-", _fmt_rate(r["images_per_s"]), over, r["dtype"],
+                     r["normalize_on"], f"{r['startup_s']:.1f}"])
     s = rec["settings"]
     console.print(_table(f"Loaders alone: {s['resolution']} px, batch {s['batch_size']}, {s['batches']} batches x "
-                         f"{s['repeats']} repeats, {s['device']}",
-                         ["backend", "images/s median (min-max)", "dtype", "normalise on", "start-up s"], rows))
+                         f"{s['repeats']} repeats x {s.get('rounds', 1)} rounds, {s['device']}",
+                         ["backend", "decoder", "images/s median (min-max)", "/ ceiling", "dtype", "normalise on",
+                          "start-up s"], rows))
     sm = rec["summary"]
     for name, why in sm.get("failed", {}).items():
         console.print(f"{name} failed: {why}", highlight=False, markup=False)
     if sm.get("decode_ceiling_images_per_s"):
-        console.print(f"decode ceiling ({sm.get('decode_ceiling_decoder', 'cv2')}, all cores): "
+        console.print(f"decode ceiling ({sm.get('decode_ceiling_decoder', 'cv2')}, full decode, all cores): "
                       f"{sm['decode_ceiling_images_per_s']:,.0f} images/s",
                       highlight=False)
     for key in ("best_over_baseline", "best_over_ceiling"):
         if key in sm:
             console.print(f"{key.replace('_', ' ')} ({sm['best_backend']}): {sm[key]:.2f}", highlight=False)
+    if "ffcv_fast_over_stock" in sm:
+        console.print(f"ffcv fast decoder / stock decoder: {sm['ffcv_fast_over_stock']:.2f}", highlight=False)
+    console.print(f"load average at the end: {', '.join(f'{x:.2f}' for x in rec.get('load_average', []))}",
+                  highlight=False)
 
 
 def _show_step(console, rec: dict) -> None:
@@ -130,12 +142,17 @@ def register(app, *, handle_errors, console) -> None:
                baseline_workers: int = typer.Option(2, "--baseline-workers", min=0),
                ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Also measure the decode ceiling."),
                ceiling_images: int = typer.Option(1000, "--ceiling-images", min=1),
+               ffcv_decoders: str = typer.Option("fast", "--ffcv-decoders", help="Comma list of FFCV decoders to time side by side on the same .beton: fast (fastrefine's), stock (FFCV's)."),
+               rounds: int = typer.Option(1, "--rounds", min=1, help="Time the cases in turn this many times (A B A B ...); figures over all rounds."),
+               baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the torchvision ImageFolder baseline."),
                json_out: Optional[Path] = json_opt):
         """Each loader backend alone beside the torchvision ImageFolder baseline; failures say why."""
         rec = run_loader(data=data, backends=_csv(backend, what="--backend"), split=split, resolution=resolution,
                          batch_size=batch_size, batches=batches, warmup=warmup, repeats=repeats, workers=workers,
                          device=device, baseline_folder=baseline_folder, baseline_workers=baseline_workers,
-                         ceiling=ceiling, ceiling_images=ceiling_images)
+                         ceiling=ceiling, ceiling_images=ceiling_images,
+                         ffcv_decoders=_csv(ffcv_decoders, what="--ffcv-decoders"), rounds=rounds,
+                         baseline=baseline)
         _show_loader(console, rec)
         write_json(json_out, rec)
 

@@ -34,6 +34,8 @@ def _blobs_from_tars(tars: list[Path], *, limit: int) -> list[bytes]:
 
 def _blobs_from_beton(path: Path, *, limit: int) -> list[bytes]:
     """The JPEG bytes FFCV stored (RGBImageField samples in 'jpg' mode; raw-pixel samples are skipped)."""
+    from ..loaders.ffcv import import_ffcv
+    import_ffcv()  # FFCV's import sets torch's thread count; import_ffcv puts it back
     from ffcv.reader import Reader
     reader = Reader(str(path))
     names = [n for n in reader.metadata.dtype.names
@@ -113,7 +115,8 @@ DECODERS = {"cv2": "cv2.imdecode (OpenCV's bundled libjpeg-turbo, accurate IDCT)
 def fastest_decoder() -> str:
     """'turbo' where FFCV (and so its TurboJPEG binding) imports, else 'cv2'."""
     try:
-        import ffcv.libffcv  # noqa: F401
+        from ..loaders.ffcv import import_ffcv
+        import_ffcv()  # FFCV's import sets torch's thread count; import_ffcv puts it back
     except Exception:  # noqa: BLE001  FFCV missing or its native library not loadable
         return "cv2"
     return "turbo"
