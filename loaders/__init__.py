@@ -42,7 +42,8 @@ def backend_available(name: str) -> tuple[bool, str]:
         if importlib.util.find_spec("ffcv") is None:
             return False, "ffcv is not installed (pip install 'fastrefine[ffcv]' after apt-get install libturbojpeg0-dev libopencv-dev pkg-config)"
         try:
-            import ffcv.loader  # noqa: F401
+            from .ffcv import import_ffcv
+            import_ffcv()  # FFCV's import sets torch's thread count; this import puts it back
         except Exception as e:
             return False, f"ffcv failed to import: {e}"
         return True, ""

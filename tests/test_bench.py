@@ -208,3 +208,30 @@ def test_bad_input_exits_2_with_one_line(args, message):
 def test_repeats_below_three_is_refused():
     res = runner.invoke(app, ["bench", "step", "--model", "tiny_cnn", "--repeats", "1"])
     assert res.exit_code == 2
+
+
+@pytest.mark.parametrize("decoder", ["cv2", "pil"])
+def test_decode_counts_images_it_cannot_decode(demo_tree, decoder):
+    blobs, _ = bench_decode.jpeg_blobs(demo_tree, split="val", limit=6, source="folder")
+    damaged = blobs[:4] + [blobs[4][:40], b"not a jpeg at all"]  # a truncated header, and no JPEG
+    kept, failed = bench_decode.decodable(damaged, decoder=decoder)
+    assert len(kept) == 4 and failed == 2
+    res = bench_decode.bench_decode(blobs=damaged, decoder=decoder, workers=1, warmup=0, repeats=3)
+    assert res[0]["images"] == 4 and res[0]["undecodable"] == 2
+
+
+def test_loader_exits_1_when_every_case_fails(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)  # an ImageFolder tree with no image at all
+    res = runner.invoke(app, ["bench", "loader", str(tmp_path), "--backend", "torch", "--no-baseline",
+                              "--no-ceiling", "--batches", "1", "--warmup", "0"])
+    assert res.exit_code == 1 and "every case failed" in res.output
+
+
+def test_loader_times_torch_decode_modes_side_by_side(demo_tree, tmp_path):
+    out = tmp_path / "loader.json"
+    _invoke(["bench", "loader", str(demo_tree), "--backend", "torch", "--torch-decodes", "host,device",
+             "--resolution", "32", "--batch-size", "16", "--batches", "2", "--warmup", "1", "--workers", "1",
+             "--no-baseline", "--no-ceiling", "--json", str(out)])
+    rec = _load(out, "loader")
+    assert [(r["backend"], r["decoder"]) for r in rec["results"]] == [("torch[host]", "host"), ("torch[device]", "device")]
+    assert all(r["ok"] for r in rec["results"])

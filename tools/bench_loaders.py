@@ -197,7 +197,7 @@ def main() -> None:
             if name == "ffcv":
                 row["decoder"] = ld.decoder
         # fastrefine bench's own protocol: first batch apart (numba/DALI start-up), warm-up, repeats
-        timed = time_batches(lambda: ld, batches=args.batches, warmup=args.warmup, repeats=args.repeats,
+        timed = time_batches(lambda ld=ld: ld, batches=args.batches, warmup=args.warmup, repeats=args.repeats,
                              device=cpu)
         results[name] = dict(**row, **summary(timed["images_per_s"]))
         print(name, results[name], flush=True)

@@ -135,11 +135,10 @@ done
 part d-step-160-compiled 150 "$PY" -m fastrefine bench step --model resnet50 --refinery none,same \
     --resolution 160 --batch-size 256 --precision bf16 --compile --iters 10 --repeats 3 --json "$OUT/d-step-160-compiled.json"
 
-# (e) the torch loader alone: GPU (nvJPEG) decode vs host decode, same JPEGs
-for mode in device host; do
-  part "e-loader-$mode" 60 "$PY" -m fastrefine bench loader "$DATA" --backend torch --torch-decode "$mode" \
-      --resolution 224 --batch-size 128 --batches 10 --warmup 2 --no-ceiling --json "$OUT/e-loader-$mode.json"
-done
+# (e) the torch loader alone: GPU (nvJPEG) decode vs host decode, same JPEGs, taking turns
+part e-loader 90 "$PY" -m fastrefine bench loader "$DATA" --backend torch --torch-decodes device,host \
+    --resolution 224 --batch-size 128 --batches 10 --warmup 2 --rounds 2 --no-ceiling --no-baseline \
+    --json "$OUT/e-loader.json"
 
 "$PY" - "$OUT" | tee "$OUT/summary.txt" <<'PY'
 import json, sys
@@ -154,7 +153,7 @@ for p in sorted(out.glob("d-step-*.json")):
     rec = json.loads(p.read_text())
     for r in rec["results"]:
         print(f"  {p.stem}: {r['case']:28s} {r['images_per_s']['median']:8.0f} img/s")
-for p in sorted(out.glob("e-loader-*.json")):
+for p in sorted(out.glob("e-loader*.json")):
     rec = json.loads(p.read_text())
     for r in rec["results"]:
         if r.get("ok"):

@@ -40,6 +40,10 @@ def _show_decode(console, rec: dict) -> None:
     rows = [[r["mode"], str(r["images"]), _fmt_rate(r["images_per_s"])] for r in rec["results"]]
     console.print(_table(f"JPEG decode ceiling: {s['decoder_detail']}; {s['source']}",
                          ["mode", "images", "images/s median (min-max)"], rows))
+    failed = rec["results"][0].get("undecodable", 0)
+    if failed:
+        console.print(f"{failed} image(s) could not be decoded by {s['decoder']} and were left out of the timing",
+                      highlight=False, markup=False)
 
 
 def _show_loader(console, rec: dict) -> None:
@@ -145,16 +149,21 @@ def register(app, *, handle_errors, console) -> None:
                ffcv_decoders: str = typer.Option("fast", "--ffcv-decoders", help="Comma list of FFCV decoders to time side by side on the same .beton: fast (fastrefine's), stock (FFCV's)."),
                rounds: int = typer.Option(1, "--rounds", min=1, help="Time the cases in turn this many times (A B A B ...); figures over all rounds."),
                baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the torchvision ImageFolder baseline."),
+               torch_decodes: str = typer.Option("auto", "--torch-decodes", help="Comma list of torch-backend decode modes to time side by side: auto, host (PIL in workers), device (batched decode_jpeg; nvJPEG on CUDA)."),
                json_out: Optional[Path] = json_opt):
-        """Each loader backend alone beside the torchvision ImageFolder baseline; failures say why."""
+        """Each loader backend alone beside the torchvision ImageFolder baseline; failures say why (exit 1
+        when every case failed)."""
         rec = run_loader(data=data, backends=_csv(backend, what="--backend"), split=split, resolution=resolution,
                          batch_size=batch_size, batches=batches, warmup=warmup, repeats=repeats, workers=workers,
                          device=device, baseline_folder=baseline_folder, baseline_workers=baseline_workers,
                          ceiling=ceiling, ceiling_images=ceiling_images,
                          ffcv_decoders=_csv(ffcv_decoders, what="--ffcv-decoders"), rounds=rounds,
-                         baseline=baseline)
+                         baseline=baseline, torch_decodes=_csv(torch_decodes, what="--torch-decodes"))
         _show_loader(console, rec)
         write_json(json_out, rec)
+        if not any(r.get("ok") for r in rec["results"]):
+            from ..errors import RunError
+            raise RunError("bench loader: every case failed (reasons above)")
 
     @app.command("step")
     @handle_errors

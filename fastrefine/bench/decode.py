@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tarfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterator
 
-import torch
 
 from ..errors import RunError, UsageError
 
@@ -159,6 +155,23 @@ def decode_one(blob, *, decoder: str):
         return np.asarray(im.convert("RGB"))
 
 
+def decodable(blobs: list[bytes], *, decoder: str) -> tuple[list, int]:
+    """(the blobs `decoder` can decode, prepared for decode_one; how many it could not). Each is tried
+    once, untimed: a damaged image is counted and left out of the timing instead of failing it."""
+    kept, failed = [], 0
+    for b in blobs:
+        try:
+            item = prepare_blobs([b], decoder=decoder)[0]
+            ok = decode_one(item, decoder=decoder) is not None
+        except Exception:  # noqa: BLE001  PIL/cv2/turbo each fail their own way on a damaged file
+            ok = False
+        if ok:
+            kept.append(item)
+        else:
+            failed += 1
+    return kept, failed
+
+
 def _single_thread_decoder(decoder: str) -> None:
     if decoder == "cv2":
         import cv2
@@ -191,9 +204,9 @@ def bench_decode(*, blobs: list[bytes], decoder: str, workers: int, warmup: int,
     if decoder not in DECODERS:
         raise UsageError(f"--decoder: expected one of {sorted(DECODERS)}, got {decoder!r}")
     _single_thread_decoder(decoder)
-    blobs = prepare_blobs(blobs, decoder=decoder)
-    if decode_one(blobs[0], decoder=decoder) is None:
-        raise RunError(f"{decoder} could not decode the first image")
+    blobs, failed = decodable(blobs, decoder=decoder)
+    if not blobs:
+        raise RunError(f"{decoder} could not decode any of the {failed} images")
 
     def one_pass() -> None:
         for b in blobs:
@@ -201,7 +214,7 @@ def bench_decode(*, blobs: list[bytes], decoder: str, workers: int, warmup: int,
 
     sync = lambda: None  # noqa: E731  host-only work
     single = measure(one_pass, warmup=warmup, iters=1, repeats=repeats, sync=sync)
-    results = [{"mode": "1 process", "processes": 1, "images": len(blobs),
+    results = [{"mode": "1 process", "processes": 1, "images": len(blobs), "undecodable": failed,
                 "images_per_s": rates(single, items=len(blobs)), "seconds": single}]
     chunks = _chunks(len(blobs), workers * 4)
     with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_pool_init,
@@ -223,7 +236,8 @@ def run_decode(*, data: Path, split: str, images: int, source: str, decoder: str
     results = bench_decode(blobs=blobs, decoder=decoder, workers=workers, warmup=warmup, repeats=repeats)
     settings = {"data": str(data), "split": split, "images": len(blobs), "source": where, "decoder": decoder,
                 "decoder_detail": DECODERS[decoder], "workers": workers, "warmup": warmup, "repeats": repeats,
-                "mean_jpeg_bytes": sum(map(len, blobs)) / len(blobs), "clock": "time.perf_counter"}
+                "mean_jpeg_bytes": sum(map(len, blobs)) / len(blobs), "clock": "time.perf_counter",
+                "undecodable": results[0]["undecodable"]}
     return make_record(command="decode", settings=settings, results=results,
                        summary={"ceiling_images_per_s": results[-1]["images_per_s"]["median"],
                                 "per_core_images_per_s": results[0]["images_per_s"]["median"]},

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from ..errors import RunError, UsageError
+from ..errors import UsageError
 
 from .decode import _image_folder, fastest_decoder, run_decode
 from .protocol import clock_name, make_record, pick_device, rates, time_batches
@@ -61,11 +60,12 @@ def _merge_round(record: dict, more: dict, *, items: int) -> None:
 def run_loader(*, data: Path, backends: list[str], split: str, resolution: int, batch_size: int, batches: int,
                warmup: int, repeats: int, workers: int | None, device: str, baseline_folder: Path | None,
                baseline_workers: int, ceiling: bool, ceiling_images: int, ffcv_decoders: list[str] | None = None,
-               rounds: int = 1, baseline: bool = True) -> dict:
+               rounds: int = 1, baseline: bool = True, torch_decodes: list[str] | None = None) -> dict:
     """Every case is built once; with `rounds` > 1 the cases are timed in turn, round after round
     (A B A B ...), so that other work on the machine falls on all of them alike, and each case's
     figure is taken over all its repeats. `ffcv_decoders` makes one FFCV case per decoder
-    ("ffcv[fast]", "ffcv[stock]": the same .beton side by side)."""
+    ("ffcv[fast]", "ffcv[stock]": the same .beton side by side); `torch_decodes` one torch case per decode
+    mode ("torch[host]": PIL in workers, "torch[device]": batched decode_jpeg, nvJPEG on CUDA)."""
     from ..loaders import BACKENDS, build
     from ..precision import resolve_precision
     data = Path(data)
@@ -79,6 +79,10 @@ def run_loader(*, data: Path, backends: list[str], split: str, resolution: int, 
     bad = [d for d in ffcv_decoders if d not in DECODERS]
     if bad:
         raise UsageError(f"--ffcv-decoders: unknown {bad}; expected a comma list of {', '.join(DECODERS)}")
+    torch_decodes = list(torch_decodes or ["auto"])
+    bad = [d for d in torch_decodes if d not in ("auto", "host", "device")]
+    if bad:
+        raise UsageError(f"--torch-decodes: unknown {bad}; expected a comma list of auto, host, device")
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
     dev = pick_device(device)
@@ -96,10 +100,12 @@ def run_loader(*, data: Path, backends: list[str], split: str, resolution: int, 
                                                  repeats=repeats)
     cases: list[tuple[str, Callable[[], object], dict]] = []
     for name in backends:
-        for dec in (ffcv_decoders if name == "ffcv" else [None]):
+        variants = {"ffcv": ffcv_decoders, "torch": torch_decodes}.get(name, [None])
+        for dec in variants:
+            key = "decoder" if name == "ffcv" else "decode"
             extra = {"decoder": dec} if dec else {}
-            options = {"ffcv": {"decoder": dec}} if dec else None
-            label = f"ffcv[{dec}]" if dec and len(ffcv_decoders) > 1 else name
+            options = {name: {key: dec}} if dec else None
+            label = f"{name}[{dec}]" if dec and len(variants) > 1 else name
             cases.append((label, lambda name=name, options=options: build(
                 data=data, backend=name, split=split, batch_size=batch_size, resolution=resolution, device=dev,
                 dtype=dtype, workers=workers, backend_options=options), extra))
@@ -145,10 +151,11 @@ def run_loader(*, data: Path, backends: list[str], split: str, resolution: int, 
             if rec.get("ok"):
                 rec["over_ceiling"] = rec["images_per_s"]["median"] / ceiling_rate
     ffcv_rates = {rec["decoder"]: rec["images_per_s"]["median"] for rec in results
-                  if rec.get("ok") and rec.get("decoder")}
+                  if rec.get("ok") and rec.get("decoder") and str(rec.get("backend", "")).startswith("ffcv")}
     if "fast" in ffcv_rates and "stock" in ffcv_rates:
         summary["ffcv_fast_over_stock"] = ffcv_rates["fast"] / ffcv_rates["stock"]
-    settings = {"data": str(data), "backends": backends, "ffcv_decoders": ffcv_decoders, "split": split,
+    settings = {"data": str(data), "backends": backends, "ffcv_decoders": ffcv_decoders,
+                "torch_decodes": torch_decodes, "split": split,
                 "resolution": resolution, "batch_size": batch_size, "batches": batches, "warmup": warmup,
                 "repeats": repeats, "rounds": rounds, "workers": workers, "device": str(dev),
                 "dtype": str(dtype).replace("torch.", ""), "baseline": baseline,
