@@ -106,13 +106,14 @@ def _host_count(n: int, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batches: int | None = None,
              all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, set_eval: bool = True) -> dict:
     """top-1, top-5 and cross-entropy of `model` over the loader (every image once, across ranks).
 
-    Runs under inference_mode, as the refinery does in the step (a compiled refinery keeps one graph).
-    set_eval=False evaluates the model in the modes it is in (a refinery in BN batch mode).
+    The forward runs under inference_mode, as the refinery does in the step (a compiled refinery keeps one
+    graph); the loader is iterated outside it, so that a loader thread writing into buffers made here is
+    never writing into inference tensors. set_eval=False evaluates the model in the modes it is in (a
+    refinery in BN batch mode).
     """
     was_training = model.training
     if set_eval:
@@ -122,17 +123,18 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
     batches = iter(loader)
     try:
         for i, (images, labels) in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
-            with autocast():
-                logits = model(images)
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top == labels[:, None]
-            batch = torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
-                                 hit[:, 0].sum().float(), hit.any(dim=1).sum().float()])
-            sums = batch if sums is None else sums + batch
+            with torch.inference_mode():
+                with autocast():
+                    logits = model(images)
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                hit = top == labels[:, None]
+                batch = torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
+                                     hit[:, 0].sum().float(), hit.any(dim=1).sum().float()])
+                sums = batch if sums is None else sums + batch
             seen += labels.shape[0]
+            if max_batches and i + 1 >= max_batches:
+                break
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
@@ -141,7 +143,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
             model.train(was_training)
     if sums is None:
         raise RunError("the val loader yielded no batch")
-    totals = all_reduce(torch.cat([sums, _host_count(seen, sums.device)]))
+    totals = all_reduce(torch.cat([sums.clone(), _host_count(seen, sums.device)]))
     loss, top1, top5, n = totals.tolist()  # one sync per evaluation
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(n)}
 

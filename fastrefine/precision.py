@@ -31,12 +31,28 @@ class Precision:
         return self.dtype if (self.device_type == "cuda" and self.dtype is not None) else torch.float32
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). Without it torch emulates bf16
+    and a training step runs several times slower than in fp32 (6-12x measured on an AVX2-only EPYC)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
 def resolve_precision(choice: str, device: torch.device) -> Precision:
+    """"auto": bf16 on GPUs that support it, else fp16; on the CPU bf16 where the CPU has it natively,
+    else fp32."""
     if choice == "auto":
         if device.type == "cuda":
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            choice = "bf16"
+            choice = "bf16" if cpu_has_native_bf16() else "fp32"
     if choice == "fp16" and device.type != "cuda":
         raise RunError("run.precision = 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]

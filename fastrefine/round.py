@@ -177,10 +177,17 @@ def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False) ->
     if src.kind == "none":
         return None, "none (labels)"
     if src.kind == "torchvision":
-        from .refineries import load_torchvision_refinery
-        model, desc = load_torchvision_refinery(src.spec[len(TORCHVISION_PREFIX):], weights=r.refinery.weights,
-                                                class_map=r.refinery.class_map, class_names=env.class_names,
-                                                num_classes=env.num_classes)
+        from .loaders.base import LoaderOptions
+        from .refineries import adapt_normalization, load_torchvision_refinery, torchvision_normalization
+        name = src.spec[len(TORCHVISION_PREFIX):]
+        model, desc = load_torchvision_refinery(name, weights=r.refinery.weights, class_map=r.refinery.class_map,
+                                                class_names=env.class_names, num_classes=env.num_classes)
+        # resolved once, here: the refinery sees inputs normalised as its weights expect (every loader
+        # normalises with LoaderOptions' mean/std; the recipe cannot change them)
+        defaults = LoaderOptions(split="train", batch_size=1, resolution=8, device=env.device)
+        model, note = adapt_normalization(model, refinery=torchvision_normalization(name, weights=r.refinery.weights),
+                                          loader=(defaults.mean, defaults.std))
+        log.info("refinery %s: %s", src.spec, note)
         return model.to(env.device, memory_format=torch.channels_last), desc
     if not src.path.is_file():
         if src.kind == "round" and untrained_ok:

@@ -3,7 +3,7 @@
 What is checked: the step stays within epsilon pixel units (0..255 scale, after un-normalising) and
 inside the valid pixel range; only `fraction` of the batch changes; the step increases the divergence
 KL(refinery || student) it climbs; the same holds under bf16 autocast on the CPU; and a short run
-with jittering on (wired through rounds.py) trains: finite, decreasing loss.
+with jittering on (wired through round.py) trains: finite, decreasing loss.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrefine.engine import resolve_precision
+from fastrefine.precision import resolve_precision
 from fastrefine.loaders import IMAGENET_MEAN, IMAGENET_STD, build
 from fastrefine.models import create_model
 from fastrefine.recipe import load_recipe
 from fastrefine.refinery import AdversarialJitter, Refinery, kl_batchmean
-from fastrefine.rounds import run_recipe
+from fastrefine.chain import run_recipe
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -139,6 +139,7 @@ def _recipe(tmp_path: Path, demo_tree: Path) -> Path:
     path = tmp_path / "adv.toml"
     path.write_text(f"""
 [run]
+device = "cpu"
 name = "adv"
 out = "{tmp_path}/runs"
 seed = 1
@@ -175,7 +176,7 @@ epochs = 2
 
 
 def test_short_run_with_jittering_trains(tmp_path, demo_tree, monkeypatch):
-    import fastrefine.rounds as rounds_mod
+    import fastrefine.round as rounds_mod
 
     calls = []
 

@@ -11,6 +11,7 @@ import torch
 
 from fastrefine import checkpoint as ckpt
 from fastrefine.errors import RunError
+from fastrefine.precision import resolve_precision
 from fastrefine.recipe import load_recipe
 from fastrefine.chain import run_recipe
 
@@ -90,7 +91,8 @@ def test_chain_records_and_skip(tmp_path, demo_tree):
         for f in ("recipe.toml", "run.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "done.json"):
             assert (d / f).is_file(), f"{rd}/{f} missing"
         info = json.loads((d / "run.json").read_text())
-        assert info["backend"] == "torch" and info["precision"] == "bf16" and info["git"]
+        assert info["backend"] == "torch" and info["git"]
+        assert info["precision"] == resolve_precision("auto", torch.device("cpu")).name
     m1 = [json.loads(line) for line in (run / "r1" / "metrics.jsonl").read_text().splitlines()]
     kinds = [m["kind"] for m in m1]
     assert kinds[0] == "refinery" and "epoch" in kinds and "step" in kinds
@@ -254,4 +256,19 @@ def test_batch_mode_refinery_is_evaluated_on_shuffled_val_batches(tmp_path, demo
     sorted_top1 = evaluate(ref.model, build(**kw), autocast=fp32, set_eval=False)["top1"]
     shuffled_top1 = evaluate(ref.model, build(**kw, shuffle=True), autocast=fp32, set_eval=False)["top1"]
     assert shuffled_top1 > sorted_top1 + 0.05  # what the sorted order would have logged is far lower
-    assert logged["val_top1"] == pytest.approx(shuffled_top1, abs=0.03)  # bf16 in the run, fp32 here
+    assert logged["val_top1"] == pytest.approx(shuffled_top1, abs=0.03)  # the run's precision may be bf16, fp32 here
+
+
+def test_a_torchvision_refinery_from_a_state_dict_refines_a_round(tmp_path, demo_tree):
+    """refinery = "torchvision:NAME" with weights from a local .pth (never a download), the crop resized for
+    the refinery on the device (refinery.resolution), in one round."""
+    import torchvision
+    torch.manual_seed(0)
+    weights = tmp_path / "mnv3.pth"
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", num_classes=10).state_dict(), weights)
+    rounds = '\n[[rounds]]\nname = "by-tv"\nepochs = 1\nrefinery = "torchvision:mobilenet_v3_small"\n'
+    p = make_recipe(tmp_path, demo_tree, name="tv", rounds=rounds,
+                    extra=f'[refinery]\nweights = "{weights}"\nresolution = 64')
+    rows = run_recipe(load_recipe(p, ["run.max_steps_per_epoch=2", "run.max_val_batches=1"]))
+    assert rows[0]["refinery"].startswith("torchvision:mobilenet_v3_small") or "mobilenet_v3_small" in rows[0]["refinery"]
+    assert rows[0]["refinery_val_top1"] is not None and 0 <= rows[0]["refinery_val_top1"] <= 1

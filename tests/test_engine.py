@@ -13,7 +13,11 @@ from fastrefine.refinery import NoRefinery, Refinery, make_loss, no_jitter
 from fastrefine.schedule import lr_at, resolution_at
 
 
-def test_precision_chosen_once():
+def test_precision_chosen_once(monkeypatch):
+    import fastrefine.precision as precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")).name == "fp32"  # emulated bf16 is slower
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     p = resolve_precision("auto", torch.device("cpu"))
     assert p.name == "bf16" and not p.scaler().is_enabled()
     with p.autocast():
