@@ -91,21 +91,18 @@ def default_data(checkpoint: Path) -> Path | None:
 
 
 def output_path(out: Path | None, image: Path) -> Path:
-    """Where the PNG goes: `out` itself, or IMAGE-inspect.png inside `out` when it is a folder (an existing
-    one, or a path written with a trailing slash); a folder that does not exist is refused."""
+    """Where the PNG goes: `out` itself when it names a .png file in an existing folder, or
+    IMAGE-inspect.png inside `out` when it is an existing folder; anything else is refused."""
     name = f"{image.stem}-inspect.png"
     if out is None:
         return Path(name)
-    text = str(out)
     out = Path(out)
     if out.is_dir():
         return out / name
-    if text.endswith(("/", "\\")):
-        raise UsageError(f"--out {text}: no such folder")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: not an existing folder, nor a .png file name")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: its folder {out.parent} does not exist")
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: expected a .png file or an existing folder")
     return out
 
 

@@ -144,3 +144,16 @@ def test_cli(trained, dress, tmp_path, demo_tree):
     bad.write_text("not a jpeg")
     res = runner.invoke(app, ["inspect", str(trained), str(bad), "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 2 and "not an image" in res.output
+
+
+def test_out_is_a_png_or_a_folder_never_a_guess(trained, dress, tmp_path):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    res = runner.invoke(app, ["inspect", str(trained), str(dress), "--crops", "1", "--out", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in folder.iterdir()] == [f"{dress.stem}-inspect.png"]  # written into the folder
+    for bad, why in ((f"{tmp_path}/nowhere/", "not an existing folder"), (f"{tmp_path}/nowhere/x.png", "does not exist"),
+                     (f"{tmp_path}/x.jpg", "nor a .png")):
+        res = runner.invoke(app, ["inspect", str(trained), str(dress), "--out", bad])
+        assert res.exit_code == 2 and why in res.output, res.output
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "x.jpg").exists()
