@@ -355,6 +355,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
             parts.train_loader.set_resolution(res)
             task = bar.add_task(f"{rd.name} {epoch + 1}/{rd.epochs} {res}px",
                                 total=steps_per_epoch * parts.train_loader.batch_size, info="")
+            seen_threads.clear()
 
             def on_step(n: int, task=task) -> None:
                 if not seen_threads:  # what the step really ran with, after the loader started its epoch
