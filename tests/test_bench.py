@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fastrefine import bench
@@ -178,8 +179,10 @@ epochs = 1
     # the round as `run` builds it: its refinery round has not run, so its architecture with random weights
     assert rec["settings"]["refinery"] == "labels (tiny_cnn, random weights)"
     cases = [r["case"] for r in rec["results"]]
+    from fastrefine.precision import resolve_precision
+    modern = f"channels_last + {resolve_precision('auto', torch.device('cpu')).name}"
     assert cases == ["fastrefine end to end (engine.train_epoch)", "torchvision baseline, fp32",
-                     "torchvision baseline, channels_last + bf16", "loader alone", "step alone (one real batch reused)"]
+                     f"torchvision baseline, {modern}", "loader alone", "step alone (one real batch reused)"]
     for r in rec["results"][:3]:
         assert [lp["images"] for lp in r["loops"]] == [16] * 3  # 2 steps of 8 images, 3 alternating repeats
     s = rec["summary"]

@@ -101,9 +101,10 @@ def _show_train(console, rec: dict) -> None:
     line = (f"end to end / step alone = {sm['end_to_end_over_step_alone']:.2f}; / min(alone) = "
             f"{sm['end_to_end_over_min_alone']:.2f}; threads in the epoch: torch {s['torch_threads_in_epoch']}, "
             f"loader workers {s['loader_workers']}")
-    for key in ("over_baseline_fp32", "over_baseline_bf16"):
-        if key in sm:
-            line += f"; vs torchvision {key.rsplit('_', 1)[1]}: {sm[key]:.2f}x"
+    if "over_baseline_fp32" in sm:
+        line += f"; vs torchvision fp32: {sm['over_baseline_fp32']:.2f}x"
+    if "over_baseline_modern" in sm:
+        line += f"; vs torchvision {sm['modern_baseline']}: {sm['over_baseline_modern']:.2f}x"
     console.print(line, highlight=False, markup=False)
 
 
