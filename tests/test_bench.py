@@ -144,7 +144,9 @@ def test_step_writes_json_with_bound_and_ratio(tmp_path):
         assert r["peak_memory_mib"] > 0 and r["first_call_s"] > 0
     assert refined["bound"] == pytest.approx(4 / 3)
     assert refined["measured_ratio"] == pytest.approx(refined["step_s"]["median"] / alone["step_s"]["median"])
-    assert rec["settings"]["precision"] == "bf16" and "synthetic" in rec["notes"][0]
+    from fastrefine.precision import resolve_precision
+    assert rec["settings"]["precision"] == resolve_precision("auto", torch.device("cpu")).name
+    assert "synthetic" in rec["notes"][0]
 
 
 def test_train_writes_json(demo_tree, tmp_path):

@@ -24,7 +24,9 @@ def test_help_everywhere(args):
 def test_dry_run_prints_resolved_recipe():
     res = runner.invoke(app, ["run", str(ROOT / "recipes/quickstart.toml"), "--dry-run", "--set", "optim.lr=0.4"])
     assert res.exit_code == 0, res.output
-    assert "lr = 0.4" in res.output and "[[rounds]]" in res.output and "refinery labels" in res.output
+    assert "lr = 0.4" in res.output and "[[rounds]]" in res.output and "refinery refinery" in res.output
+    # the plan shows each round's lr resolved for this many processes: 0.4 is for 256 images, a step has 128
+    assert "lr 0.2," in res.output and "seed 1 (from labels)" in res.output
 
 
 def test_misspelt_key_exits_2_with_one_line(tmp_path):
