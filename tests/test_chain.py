@@ -14,6 +14,7 @@ from fastrefine.errors import RunError
 from fastrefine.precision import resolve_precision
 from fastrefine.recipe import load_recipe
 from fastrefine.chain import run_recipe
+from helpers import Killed, die_after, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_ROUND = """
@@ -23,8 +24,7 @@ epochs = 1
 """
 
 
-def make_recipe(tmp_path: Path, data: Path, *, name="t", extra="", rounds=None) -> Path:
-    rounds = rounds or """
+TWO_ROUNDS = """
 [[rounds]]
 name = "r0"
 epochs = 2
@@ -32,49 +32,10 @@ epochs = 2
 name = "r1"
 epochs = 1
 """
-    text = f"""
-[run]
-name = "{name}"
-out = "{tmp_path}/runs"
-device = "cpu"
-seed = 3
-log_every = 2
-progress = false
-[data]
-path = "{data}"
-[loader]
-backend = "torch"
-batch_size = 32
-resolution = 32
-workers = 0
-val_crop_ratio = 1.0
-[model]
-name = "tiny_cnn"
-[optim]
-lr = 0.1
-{extra}
-{rounds}
-"""
-    p = tmp_path / f"{name}.toml"
-    p.write_text(text)
-    return p
 
 
-class Killed(RuntimeError):
-    """Stands in for a kill -9 in the middle of an epoch (raised from inside the step)."""
-
-
-def die_after(monkeypatch, steps: int) -> None:
-    """Make the trainer's step raise Killed after `steps` steps, as if the process died there."""
-    import fastrefine.engine as engine
-    real, count = engine.train_step, [0]
-
-    def step(*args, **kwargs):
-        count[0] += 1
-        if count[0] > steps:
-            raise Killed(f"killed after {steps} steps")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(engine, "train_step", step)
+def make_recipe(tmp_path: Path, data: Path, *, name="t", extra="", rounds=None) -> Path:
+    return write_recipe(tmp_path, data, name=name, rounds=rounds or TWO_ROUNDS, tables=extra)
 
 
 def final_weights(run_dir: Path, round_name: str) -> dict:

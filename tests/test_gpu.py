@@ -8,39 +8,14 @@ import pytest
 import torch
 
 from fastrefine import checkpoint as ckpt
+from helpers import Killed, die_after, write_recipe
 
 pytestmark = pytest.mark.gpu
 
 
-def _recipe(tmp_path: Path, data: Path, name: str, extra: str = "") -> Path:
-    p = tmp_path / f"{name}.toml"
-    p.write_text(f"""
-[run]
-name = "{name}"
-out = "{tmp_path}/runs"
-device = "cuda"
-seed = 2
-progress = false
-log_every = 2
-{extra}
-[data]
-path = "{data}"
-[loader]
-backend = "torch"
-batch_size = 32
-resolution = 32
-workers = 2
-val_crop_ratio = 1.0
-[model]
-name = "tiny_cnn"
-[[rounds]]
-name = "r0"
-epochs = 2
-[[rounds]]
-name = "r1"
-epochs = 1
-""")
-    return p
+def _recipe(tmp_path: Path, data: Path, name: str, run: dict | None = None) -> Path:
+    rounds = '\n[[rounds]]\nname = "r0"\nepochs = 2\n[[rounds]]\nname = "r1"\nepochs = 1\n'
+    return write_recipe(tmp_path, data, name=name, rounds=rounds, device="cuda", seed=2, workers=2, run=run)
 
 
 def test_refined_chain_on_cuda_without_host_sync_in_the_epoch(tmp_path, demo_tree, monkeypatch):
@@ -66,7 +41,7 @@ def test_refined_chain_on_cuda_without_host_sync_in_the_epoch(tmp_path, demo_tre
     import fastrefine.round as round_mod
     monkeypatch.setattr(round_mod, "train_epoch", strict(real_epoch))
     monkeypatch.setattr(round_mod, "evaluate", strict(real_eval))
-    rows = run_recipe(load_recipe(_recipe(tmp_path, demo_tree, "cuda", "log_every = 1000")))
+    rows = run_recipe(load_recipe(_recipe(tmp_path, demo_tree, "cuda", {"log_every": 1000})))
     assert [r["round"] for r in rows] == ["r0", "r1"] and rows[1]["val_top1"] > 0.15
 
 
@@ -82,22 +57,14 @@ def _unstrict(fn):
 
 
 def test_resume_on_cuda_after_a_kill(tmp_path, demo_tree, monkeypatch):
-    import fastrefine.engine as engine
     from fastrefine.chain import run_recipe
     from fastrefine.recipe import load_recipe
 
-    real, count = engine.train_step, [0]
-
-    def dies(*args, **kwargs):
-        count[0] += 1
-        if count[0] > 16:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
     p = _recipe(tmp_path, demo_tree, "resume")
-    monkeypatch.setattr(engine, "train_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(load_recipe(p))
-    monkeypatch.setattr(engine, "train_step", real)
+    with monkeypatch.context() as m:
+        die_after(m, 16)  # 12 steps an epoch: dies in the middle of epoch 2
+        with pytest.raises(Killed):
+            run_recipe(load_recipe(p))
     assert ckpt.load(tmp_path / "runs/resume/r0/last.pt")["epoch"] == 1
     rows = run_recipe(load_recipe(p))  # RNG states restored from CPU tensors although the run is on CUDA
     assert [r["round"] for r in rows] == ["r0", "r1"]

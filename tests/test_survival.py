@@ -18,35 +18,14 @@ from fastrefine.cli import app, print_error
 from fastrefine.errors import RunError, UsageError
 from fastrefine.recipe import RecipeError, load_recipe
 from fastrefine.runlog import read_metrics
+from helpers import write_recipe
 
 runner = CliRunner()
 
 
 def recipe_text(tmp_path: Path, data: Path, *, name: str, rounds: str, extra: str = "") -> Path:
-    p = tmp_path / f"{name}.toml"
-    p.write_text(f"""
-[run]
-name = "{name}"
-out = "{tmp_path}/runs"
-device = "cpu"
-seed = 1
-progress = false
-log_every = 2
-max_steps_per_epoch = 4
-[data]
-path = "{data}"
-[loader]
-backend = "torch"
-batch_size = 32
-resolution = 32
-workers = 0
-val_crop_ratio = 1.0
-[model]
-name = "tiny_cnn"
-{extra}
-{rounds}
-""")
-    return p
+    return write_recipe(tmp_path, data, name=name, rounds=rounds, seed=1, run={"max_steps_per_epoch": 4},
+                        tables=extra)
 
 
 ONE = '\n[[rounds]]\nname = "r0"\nepochs = 1\n'
