@@ -160,14 +160,15 @@ def make_env(recipe: Recipe, dist_info: Dist, device: torch.device, *, console: 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = recipe.run.cudnn_benchmark
     from .loaders import resolve_backend
-    backend, _ = resolve_backend(recipe.loader.backend, device=device, data=Path(recipe.data.path))
+    backend, reason = resolve_backend(recipe.loader.backend, device=device, data=Path(recipe.data.path))
     threads = plan_threads(workers=recipe.loader.workers, device=device, backend=backend,
                            local_world_size=dist_info.local_world_size)
     if threads.torch_threads is not None:
         torch.set_num_threads(threads.torch_threads)
     num_classes, names = dataset_classes(recipe)
     return RoundEnv(recipe=recipe, dist=dist_info, device=device, precision=precision, run_dir=run_dir_of(recipe),
-                    num_classes=num_classes, class_names=names, threads=threads, console=console or Console())
+                    num_classes=num_classes, class_names=names, threads=threads, console=console or Console(),
+                    backend=backend, backend_reason=reason)
 
 
 def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None,

@@ -82,9 +82,7 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
             if max_steps and n_steps >= max_steps:
                 break  # before the loader is asked for one more batch
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # a generator-based loader stops its epoch (threads, pinned buffers) here
+        _close(batches)
     if sums is None:
         raise RunError(f"epoch {epoch}: the train loader yielded no full batch (batch size larger than the "
                        f"dataset share of this process?)")
@@ -95,6 +93,14 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
                        f"(the last good one is kept)")
     return EpochResult(loss=loss_sum / n, top1=correct / n, images=int(n),
                        seconds=time.perf_counter() - start, steps=n_steps)
+
+
+def _close(batches) -> None:
+    """End an epoch's iterator, finished or abandoned: a generator-based loader stops its epoch (threads,
+    pinned buffers) in its `finally`."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 def _host_count(n: int, device: torch.device) -> torch.Tensor:
@@ -136,9 +142,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
             if max_batches and i + 1 >= max_batches:
                 break
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        _close(batches)
         if set_eval:
             model.train(was_training)
     if sums is None:

@@ -54,6 +54,8 @@ class RoundEnv:
     class_names: list[str]
     threads: ThreadPlan
     console: Console = field(default_factory=Console)
+    backend: str = "auto"          # the recipe's loader.backend resolved once for the process (chain.make_env)
+    backend_reason: str = ""
 
 
 @dataclass
@@ -115,13 +117,15 @@ def val_resolution(recipe: Recipe) -> int:
 
 
 def make_loader(recipe: Recipe, *, split: str, device: torch.device, dtype: torch.dtype, seed: int,
-                resolution: int, workers: int, rank: int = 0, world_size: int = 1, shuffle: bool | None = None):
-    """One loader as the recipe describes it (its backend options included)."""
+                resolution: int, workers: int, rank: int = 0, world_size: int = 1, shuffle: bool | None = None,
+                backend: str | None = None):
+    """One loader as the recipe describes it (its backend options included); `backend`, when given, is
+    the recipe's loader.backend already resolved."""
     from .loaders import build
     from .loaders.options import as_kwargs
     lc = recipe.loader
     batch = lc.batch_size if split == "train" else (lc.val_batch_size or lc.batch_size)
-    return build(data=recipe.data.path, backend=lc.backend, split=split, batch_size=batch, resolution=resolution,
+    return build(data=recipe.data.path, backend=backend or lc.backend, split=split, batch_size=batch, resolution=resolution,
                  device=device, dtype=dtype, rank=rank, world_size=world_size, seed=seed, workers=workers,
                  scale=lc.scale, ratio=lc.ratio, val_crop_ratio=lc.val_crop_ratio, flip=lc.flip,
                  channels_last=recipe.run.channels_last, shuffle=shuffle,
@@ -177,16 +181,15 @@ def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False) ->
     if src.kind == "none":
         return None, "none (labels)"
     if src.kind == "torchvision":
-        from .loaders.base import LoaderOptions
         from .refineries import adapt_normalization, load_torchvision_refinery, torchvision_normalization
         name = src.spec[len(TORCHVISION_PREFIX):]
         model, desc = load_torchvision_refinery(name, weights=r.refinery.weights, class_map=r.refinery.class_map,
                                                 class_names=env.class_names, num_classes=env.num_classes)
         # resolved once, here: the refinery sees inputs normalised as its weights expect (every loader
-        # normalises with LoaderOptions' mean/std; the recipe cannot change them)
-        defaults = LoaderOptions(split="train", batch_size=1, resolution=8, device=env.device)
+        # normalises with the loaders' default mean/std; the recipe cannot change them)
+        norm = _default_normalization(env)
         model, note = adapt_normalization(model, refinery=torchvision_normalization(name, weights=r.refinery.weights),
-                                          loader=(defaults.mean, defaults.std))
+                                          loader=(norm.mean, norm.std))
         log.info("refinery %s: %s", src.spec, note)
         return model.to(env.device, memory_format=torch.channels_last), desc
     if not src.path.is_file():
@@ -214,7 +217,6 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     from .models import create_model
     r, rd = env.recipe, env.recipe.rounds[index]
     seed = round_seed(r, index)
-    seed_everything(seed + env.dist.rank)
     model_name, model_opts = r.round_model(rd)
     fmt = torch.channels_last if r.run.channels_last else torch.contiguous_format
     torch.manual_seed(seed)  # the same initial weights on every rank and in a seed_from round
@@ -236,11 +238,10 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     scaler = env.precision.scaler()
 
     loader_args = dict(device=env.device, dtype=env.precision.input_dtype, seed=seed, workers=env.threads.workers,
-                       rank=env.dist.rank, world_size=env.dist.world_size)
+                       rank=env.dist.rank, world_size=env.dist.world_size, backend=env.backend)
     if loaders:
         train_loader = make_loader(r, split="train", resolution=train_resolution(r, start_epoch), **loader_args)
-        from .loaders import resolve_backend
-        backend, reason = resolve_backend(r.loader.backend, device=env.device, data=Path(r.data.path))
+        backend, reason = env.backend, env.backend_reason
     else:
         train_loader, backend, reason = None, "none", "no loader (synthetic input)"
 
@@ -346,6 +347,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
     ac, max_val = env.precision.autocast, r.run.max_val_batches
     refinery_val = _evaluate_refinery(env, parts, metrics, reduce) if parts.refined and start_epoch == 0 else None
     steps_per_epoch = min(max(1, len(parts.train_loader)), r.run.max_steps_per_epoch or 1 << 62)
+    scale = lr_scale(r, world_size=env.dist.world_size)  # a step schedule's lrs scale like optim.lr
     started, last_eval, last_train, seen_threads = time.perf_counter(), None, None, []
     from .progress import progress_bar
     with progress_bar(disable=not (main and r.run.progress), console=env.console) as bar:
@@ -364,7 +366,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
 
             result = train_epoch(parts.train_loader, step=parts.step, optimizer=parts.optimizer, epoch=epoch,
                                  lr_fn=lambda e: lr_at(e, cfg=r.schedule, base_lr=parts.lr, total_epochs=rd.epochs,
-                                                       scale=lr_scale(r, world_size=env.dist.world_size)),
+                                                       scale=scale),
                                  steps_per_epoch=steps_per_epoch, max_steps=r.run.max_steps_per_epoch,
                                  log_every=r.run.log_every, on_log=metrics.write, on_step=on_step, all_reduce=reduce)
             global_step += result.steps

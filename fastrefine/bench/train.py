@@ -12,6 +12,7 @@ without it, where emulated bf16 is several times slower), as a user would write 
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
     from ..chain import make_env
     from ..distributed import init_distributed
     from ..recipe import load_recipe, round_index
-    from ..round import build_round
+    from ..round import build_round, refinery_module
     recipe = load_recipe(recipe_path, overrides)
     index = round_index(recipe, round_name) if round_name else len(recipe.rounds) - 1
     if repeats < MIN_REPEATS:
@@ -111,10 +112,9 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
         from .decode import _image_folder
         folder = Path(baseline_folder) if baseline_folder else _image_folder(Path(recipe.data.path), "train")
         torch.manual_seed(parts.seed)
-        ref = None
-        if parts.refined:
-            ref_name, ref_opts = _refinery_arch(recipe, index)
-            ref = create_model(ref_name, num_classes=env.num_classes, **ref_opts)
+        # the same refinery network the round loads (random weights where its round has not run), unfolded;
+        # each loop gets its own copy (baseline_parts moves it to its own memory format in place)
+        ref, _ = refinery_module(env, index, untrained_ok=True)
         base = {}
         # the modern loop uses the precision fastrefine chose here: bf16 where the hardware has it (a
         # CPU without native bf16 emulates it several times slower than fp32: nobody would pick it)
@@ -122,7 +122,7 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
         for label, modern in (("fp32", False), (modern_label, True)):
             torch.manual_seed(parts.seed)
             s = create_model(parts.model_name, num_classes=env.num_classes, **parts.model_options)
-            it, step = baseline_parts(folder=folder, student=s, refinery=ref, resolution=recipe.loader.resolution,
+            it, step = baseline_parts(folder=folder, student=s, refinery=copy.deepcopy(ref), resolution=recipe.loader.resolution,
                                       batch_size=recipe.loader.batch_size, workers=env.threads.workers, lr=parts.lr,
                                       device=dev, modern=modern, amp_dtype=env.precision.dtype)
             for _ in range(max(1, warmup)):
@@ -167,16 +167,6 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
              "same worker count; repeats alternate with fastrefine's"]
     parts.close()
     return make_record(command="train", settings=settings, results=results, summary=summary, notes=notes)
-
-
-def _refinery_arch(recipe, index: int) -> tuple[str, dict]:
-    """The refinery round's architecture name (the baseline builds it with random weights)."""
-    from ..recipe import round_index, round_refinery
-    spec = round_refinery(recipe, index)
-    names = [r.name for r in recipe.rounds]
-    if spec in names:
-        return recipe.round_model(recipe.rounds[round_index(recipe, spec)])
-    raise UsageError(f"--baseline needs the refinery to be an earlier round of the recipe (got {spec!r})")
 
 
 def _train_summary(results: list[dict]) -> dict:
