@@ -71,10 +71,3 @@ def versions() -> dict:
     dali = [d for d in distributions() if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")]
     out["nvidia-dali"] = f"{dali[0].metadata['Name']} {dali[0].version}" if dali else None
     return out
-
-
-def describe_machine() -> str:
-    """One line for docs and tool output: CPU, cores, load, Python."""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu_model()}, {usable_cores()} usable cores, load average {load}, "
-            f"Python {platform.python_version()}")

@@ -30,20 +30,14 @@ class Normalization:
     std: tuple[float, float, float]
     dtype: torch.dtype
 
-    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) in 0..1 pixel units, fp32, shaped (1, 3, 1, 1), on `device`."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        return mean, std
-
 
 @dataclass(frozen=True)
 class LoaderOptions:
     """Everything a backend needs, resolved once by `build`.
 
     Train: RandomResizedCrop(scale, ratio) at `resolution` + horizontal flip (`flip=False` turns it
-    off: digits, text); drops the last partial batch. Val: resize the shorter side to round(resolution / val_crop_ratio), center crop
-    `resolution`; keeps every image, and across `world_size` ranks each image is seen exactly once.
+    off: digits, text); drops the last partial batch. Val: resize the shorter side to
+    round(resolution / val_crop_ratio), center crop `resolution`; keeps every image, and across `world_size` ranks each image is seen exactly once.
     """
 
     split: str
@@ -138,10 +132,3 @@ class LoaderBase:
 def shard_indices(n: int, *, rank: int, world_size: int) -> range:
     """The stride shard used for val: rank r gets r, r+W, r+2W, ... so the ranks cover [0, n) once."""
     return range(rank, n, world_size)
-
-
-def mean_std_tensors(opts: LoaderOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean/std in 0..255 pixel units, shaped (1, 3, 1, 1), on the device, in the output dtype."""
-    mean = torch.tensor(opts.mean, dtype=torch.float32).mul(255).view(1, 3, 1, 1)
-    std = torch.tensor(opts.std, dtype=torch.float32).mul(255).view(1, 3, 1, 1)
-    return mean.to(opts.device, opts.dtype), std.to(opts.device, opts.dtype)
