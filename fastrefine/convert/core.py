@@ -40,6 +40,7 @@ from ..checkpoint import clean_stale_temporaries, read_json_marker, write_text
 from ..progress import RateColumn
 from ..errors import RunError, UsageError
 from ..manifest import FILES_KEY, MANIFEST_NAME, MANIFEST_VERSION, file_digest
+from . import turbo
 from .imaging import Cleaned, clean_many
 from .lock import LOCK_NAME, out_lock
 from .options import ConvertOptions
@@ -50,7 +51,10 @@ SHUFFLE_SEED = 0
 MARKER = ".fastrefine-convert.json"     # written first, so a half-done OUT still says what it holds
 WORK = ".work"                          # scratch shards when only FFCV is asked for
 DALI_DIR = "dali"
-BETON_WRITER = "direct-v1"              # part of a .beton's fingerprint: files of an older writer are redone
+BETON_WRITER = "direct-v1"
+# Part of every shard's fingerprint. 2: plain JPEG sources are decoded DCT-scaled by TurboJPEG and shrunk
+# by OpenCV (`turbo.py`), which gives other pixels than version 1's PIL-only path, so older shards are redone.
+CLEAN_VERSION = 2              # part of a .beton's fingerprint: files of an older writer are redone
 
 
 @dataclass
@@ -91,7 +95,7 @@ def convert(*, src: Path, out: Path, layout: str, options: ConvertOptions, conso
             write_text(out / MARKER, json.dumps({"source": str(scan.source)}) + "\n")
         settings = {"layout": layout, "max_side": opts.max_side, "quality": opts.quality,
                     "shard_size": opts.shard_size, "seed": SHUFFLE_SEED,
-                    "limit_per_class": opts.limit_per_class, "version": 1}
+                    "limit_per_class": opts.limit_per_class, "version": CLEAN_VERSION}
         shard_dir = out / (DALI_DIR if "dali" in opts.formats else WORK)
         runs = _run_splits(scan=scan, out=out, shard_dir=shard_dir, settings=settings, opts=opts,
                            console=console)
@@ -285,7 +289,8 @@ def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: ConvertOpti
         skipped.extend(s["skipped"])
     return {"version": MANIFEST_VERSION, "dataset": scan.layout, "source": str(scan.source),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "max_side": opts.max_side, "quality": opts.quality, "formats": list(opts.formats),
+            "max_side": opts.max_side, "quality": opts.quality, "jpeg_path": turbo.describe(),
+            "formats": list(opts.formats),
             "ffcv_mode": opts.ffcv_mode, "shard_size": opts.shard_size, "shuffle_seed": SHUFFLE_SEED,
             "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name, "description": c.description}
                         for c in scan.classes],

@@ -1,8 +1,15 @@
 """Turn one source file into clean JPEG bytes, or into a reason it was skipped.
 
-This is the function the process pool runs for every image, so it imports nothing heavy: PIL and
-the standard library only. It never raises for a bad image; it returns a `Cleaned` whose `reason`
-says why the file was skipped.
+This is the function the process pool runs for every image, so it imports nothing heavy: PIL, numpy,
+the standard library and, for the fast path, libturbojpeg and OpenCV. It never raises for a bad image;
+it returns a `Cleaned` whose `reason` says why the file was skipped.
+
+Two paths give the same kind of result:
+- fast (`turbo.py`): a plain RGB or grayscale JPEG with no EXIF rotation is decoded by TurboJPEG straight
+  to the smallest DCT scale that still covers the target size, shrunk the rest of the way by OpenCV and
+  encoded by TurboJPEG. Any libjpeg warning sends the file to the PIL path instead.
+- PIL: everything else (PNG or other content, CMYK, 16-bit, EXIF-rotated, damaged files), and every file
+  where libturbojpeg or OpenCV is missing. PIL refuses truncated files and names what is wrong.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import turbo
 
 # Modes PIL can hand back that `.convert("RGB")` maps badly (16/32-bit integer, float).
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -46,15 +55,21 @@ def target_size(*, width: int, height: int, max_side: int) -> tuple[int, int]:
 def clean_image(path: str, max_side: int, quality: int) -> Cleaned:
     """Decode `path` (a JPEG at the smallest DCT scale that still reaches the target size, anything else
     at full size), apply EXIF orientation, make it RGB, shrink it, and encode it as a JPEG: the one
-    encode of this image, whose bytes both the DALI shards and the `.beton` store.
+    encode of this image, whose bytes both the DALI shards and the `.beton` store. Plain JPEGs take the
+    TurboJPEG path, the rest PIL's (see the module's docstring).
 
     Truncated files are refused because PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at False.
     """
     try:
-        if os.path.getsize(path) == 0:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if not data:
             return Cleaned(kind="empty", reason="empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             notes = _describe_source(img=img, path=path)
+            fast = _fast_path(img=img, data=data, max_side=max_side, quality=quality, notes=notes)
+            if fast is not None:
+                return fast
             rgb = _to_rgb(img=img, max_side=max_side, notes=notes)
     except UnidentifiedImageError:
         return Cleaned(kind="unreadable", reason="not an image PIL can identify")
@@ -66,6 +81,29 @@ def clean_image(path: str, max_side: int, quality: int) -> Cleaned:
         return Cleaned(kind=kind, reason=f"cannot decode: {text}")
     data = _encode_jpeg(img=rgb, quality=quality)
     return Cleaned(data=data, width=rgb.width, height=rgb.height, notes=tuple(notes))
+
+
+def _fast_path(*, img: Image.Image, data: bytes, max_side: int, quality: int, notes: list[str]) -> Cleaned | None:
+    """The TurboJPEG path for a plain JPEG (see the module's docstring), or None to take the PIL path."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    codec = turbo.codec()
+    if codec is None:
+        return None
+    try:
+        if img.getexif().get(0x0112, 1) not in (None, 1):
+            return None                          # rotated: the PIL path turns it and notes it
+    except Exception:
+        return None                              # a broken EXIF block: the PIL path notes it
+    size = target_size(width=img.width, height=img.height, max_side=max_side)
+    pixels = codec.decode_at_least(data, size)
+    if pixels is None:
+        return None
+    try:
+        encoded = codec.encode(turbo.shrink(pixels, size), quality)
+    except RuntimeError:
+        return None
+    return Cleaned(data=encoded, width=size[0], height=size[1], notes=tuple(notes))
 
 
 def _describe_source(*, img: Image.Image, path: str) -> list[str]:
