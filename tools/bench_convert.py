@@ -7,7 +7,7 @@ also 64x64. For each folder it times, in this run and with the project's one ben
   ours both / ours ffcv / ours dali  (convert_dataset, train split only, fresh OUT each run),
   plain ffcv  (torchvision ImageFolder -> ffcv DatasetWriter, RGBImageField proportion, same workers),
 and with `--rss 2000,10000` the peak RSS of `convert --format both` on each count (each in a fresh
-process: its own peak and its decode workers' largest peak).
+process: its own peak and its decode workers' largest, each worker's own VmHWM sampled while it runs).
 
     .venv/bin/python tools/bench_convert.py --n 2000 --workers 2 --json bench-convert.json
     .venv/bin/python tools/bench_convert.py --n 0 --rss 2000,10000 --workers 2
@@ -74,19 +74,52 @@ def run_plain_ffcv(*, src: Path, out: Path, workers: int, max_side: int) -> None
         writer.from_indexed_dataset(dataset)
 
 
+def _hwm_kib(pid: str) -> int:
+    """A process's own peak RSS (VmHWM), 0 once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmHWM:")), 0)
+
+
+def _children() -> set[str]:
+    pids: set[str] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids.update((task / "children").read_text().split())
+        except OSError:
+            pass
+    return pids
+
+
 def peak_rss_child(src: Path, out: Path, workers: int, max_side: int) -> None:
-    """In a fresh process: convert --format both, print {"self_mib", "children_mib"} peak RSS."""
-    import resource
+    """In a fresh process: convert --format both, print {"self_mib", "children_mib"} peak RSS. A worker's
+    peak is its own VmHWM, the last sample of those taken every 50 ms while it lives: a spawned worker is
+    for a moment a forked copy of this process before it execs, which getrusage's RUSAGE_CHILDREN (and
+    an early sample) would count as the worker's."""
+    import threading
 
     from fastrefine.convert import ConvertOptions, convert_dataset
 
+    last_hwm: dict[str, int] = {}      # per worker, its latest sample: VmHWM only grows once it has exec'd
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            for pid in _children():
+                hwm = _hwm_kib(pid)
+                if hwm:
+                    last_hwm[pid] = hwm
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     with open(os.devnull, "w") as null, redirect_stderr(null), redirect_stdout(null):
         convert_dataset(src=src, out=out, layout="folder", options=ConvertOptions(
             max_side=max_side, workers=workers, splits=("train",), progress=False))
-    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-               if line.startswith("VmHWM:"))
-    print(json.dumps({"self_mib": hwm / 1024,
-                      "children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"self_mib": _hwm_kib("self") / 1024, "children_mib": max(last_hwm.values(), default=0) / 1024}))
 
 
 def main() -> None:
