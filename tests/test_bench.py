@@ -175,21 +175,25 @@ epochs = 1
 """)
     out = tmp_path / "train.json"
     _invoke(["bench", "train", str(recipe), "--steps", "2", "--warmup", "1", "--set", "loader.batch_size=8",
-             "--baseline", "--json", str(out)])
+             "--baseline", "--baseline-bf16", "--json", str(out)])
     rec = _load(out, "train")
     assert rec["settings"]["batch_size"] == 8 and rec["settings"]["round"] == "refined"
     # the round as `run` builds it: its refinery round has not run, so its architecture with random weights
     assert rec["settings"]["refinery"] == "labels (tiny_cnn, random weights)"
     cases = [r["case"] for r in rec["results"]]
     from fastrefine.precision import resolve_precision
-    modern = f"channels_last + {resolve_precision('auto', torch.device('cpu')).name}"
+    chosen = resolve_precision('auto', torch.device('cpu')).name
+    extra = [] if chosen == "bf16" else ["torchvision baseline, channels_last + bf16"]   # --baseline-bf16
     assert cases == ["fastrefine end to end (engine.train_epoch)", "torchvision baseline, fp32",
-                     f"torchvision baseline, {modern}", "loader alone", "step alone (one real batch reused)"]
-    for r in rec["results"][:3]:
+                     f"torchvision baseline, channels_last + {chosen}", *extra,
+                     "loader alone", "step alone (one real batch reused)"]
+    for r in rec["results"][:3 + len(extra)]:
         assert [lp["images"] for lp in r["loops"]] == [16] * 3  # 2 steps of 8 images, 3 alternating repeats
     s = rec["summary"]
     e2e = rec["results"][0]["images_per_s"]["median"]
     assert s["over_baseline_fp32"] == pytest.approx(e2e / rec["results"][1]["images_per_s"]["median"])
+    if extra:
+        assert s["over_baseline_bf16"] == pytest.approx(e2e / rec["results"][3]["images_per_s"]["median"])
     assert s["end_to_end_over_step_alone"] == pytest.approx(e2e / s["step_alone_images_per_s"])
     assert rec["settings"]["torch_threads_in_epoch"] >= 1 and rec["settings"]["thread_plan"].startswith("CPU")
 

@@ -105,6 +105,8 @@ def _show_train(console, rec: dict) -> None:
         line += f"; vs torchvision fp32: {sm['over_baseline_fp32']:.2f}x"
     if "over_baseline_modern" in sm:
         line += f"; vs torchvision {sm['modern_baseline']}: {sm['over_baseline_modern']:.2f}x"
+    if "over_baseline_bf16" in sm:
+        line += f"; vs torchvision channels_last + bf16: {sm['over_baseline_bf16']:.2f}x"
     console.print(line, highlight=False, markup=False)
 
 
@@ -195,11 +197,13 @@ def register(app, *, handle_errors, console) -> None:
               round_name: Optional[str] = typer.Option(None, "--round", help="Which round (default: the last)."),
               steps: int = typer.Option(20, "--steps", min=1, help="Steps per timed repeat."),
               warmup: int = typer.Option(3, "--warmup", min=0), repeats: int = repeats_opt,
-              baseline: bool = typer.Option(False, "--baseline", help="Also time the plain torchvision loop (fp32, and channels_last + bf16) on the same images and model pair, alternating."),
+              baseline: bool = typer.Option(False, "--baseline", help="Also time the plain torchvision loop (fp32, and channels_last + the precision fastrefine picks here: bf16 where the hardware has it) on the same images and model pair, alternating."),
+              baseline_bf16: bool = typer.Option(False, "--baseline-bf16", help="With --baseline, also time channels_last + bf16 where fastrefine picks another precision (a CPU without native bf16: slow, emulated)."),
               baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", help="ImageFolder for the baseline (default: the dataset's source train folder)."),
               json_out: Optional[Path] = json_opt):
         """The trainer's own epoch loop end to end from a recipe, and loader and step alone."""
         rec = run_train(recipe_path=recipe, overrides=overrides, round_name=round_name, steps=steps,
-                        warmup=warmup, repeats=repeats, baseline=baseline, baseline_folder=baseline_folder)
+                        warmup=warmup, repeats=repeats, baseline=baseline, baseline_folder=baseline_folder,
+                        baseline_bf16=baseline_bf16)
         _show_train(console, rec)
         write_json(json_out, rec)

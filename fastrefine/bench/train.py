@@ -89,7 +89,8 @@ def _baseline_case(it, step, *, steps: int, sync) -> dict:
 
 
 def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None, steps: int, warmup: int,
-              repeats: int, baseline: bool = False, baseline_folder: Path | None = None) -> dict:
+              repeats: int, baseline: bool = False, baseline_folder: Path | None = None,
+              baseline_bf16: bool = False) -> dict:
     from ..chain import make_env
     from ..distributed import init_distributed
     from ..recipe import load_recipe, round_index
@@ -118,13 +119,15 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
         base = {}
         # the modern loop uses the precision fastrefine chose here: bf16 where the hardware has it (a
         # CPU without native bf16 emulates it several times slower than fp32: nobody would pick it)
-        modern_label = f"channels_last + {env.precision.name}"
-        for label, modern in (("fp32", False), (modern_label, True)):
+        loops = [("fp32", False, None), (f"channels_last + {env.precision.name}", True, env.precision.dtype)]
+        if baseline_bf16 and env.precision.name != "bf16":
+            loops.append(("channels_last + bf16", True, torch.bfloat16))    # as asked, however slow here
+        for label, modern, amp_dtype in loops:
             torch.manual_seed(parts.seed)
             s = create_model(parts.model_name, num_classes=env.num_classes, **parts.model_options)
             it, step = baseline_parts(folder=folder, student=s, refinery=copy.deepcopy(ref), resolution=recipe.loader.resolution,
                                       batch_size=recipe.loader.batch_size, workers=env.threads.workers, lr=parts.lr,
-                                      device=dev, modern=modern, amp_dtype=env.precision.dtype)
+                                      device=dev, modern=modern, amp_dtype=amp_dtype)
             for _ in range(max(1, warmup)):
                 step(*next(it))
             base[label] = {"it": it, "step": step, "loops": []}
@@ -179,6 +182,8 @@ def _train_summary(results: list[dict]) -> dict:
     for case, rate in by.items():
         if case == "torchvision baseline, fp32":
             out["over_baseline_fp32"] = e2e / rate
+        elif case == "torchvision baseline, channels_last + bf16" and "over_baseline_modern" in out:
+            out["over_baseline_bf16"] = e2e / rate       # the extra --baseline-bf16 loop
         elif case.startswith("torchvision baseline, channels_last"):
             out["over_baseline_modern"] = e2e / rate
             out["modern_baseline"] = case.split(", ", 1)[1]
