@@ -41,7 +41,7 @@ def make_sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _time_block(fn: Callable[[], object], *, iters: int, sync: Callable[[], None], events: bool) -> float:
+def time_block(fn: Callable[[], object], *, iters: int, sync: Callable[[], None], events: bool) -> float:
     if events:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -69,7 +69,7 @@ def measure(fn: Callable[[], object], *, warmup: int, iters: int, repeats: int, 
     for _ in range(warmup):
         fn()
     sync()
-    return [_time_block(fn, iters=iters, sync=sync, events=events) for _ in range(repeats)]
+    return [time_block(fn, iters=iters, sync=sync, events=events) for _ in range(repeats)]
 
 
 def rates(seconds: list[float], *, items: int) -> dict:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .protocol import MIN_REPEATS, cycle, make_record, make_sync, measure, rates, spread
+from .protocol import MIN_REPEATS, time_block, cycle, make_record, make_sync, measure, rates, spread
 
 
 def _epoch_case(parts, *, epoch: int, steps: int) -> dict:
@@ -132,11 +132,21 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
                 step(*next(it))
             base[label] = {"it": it, "step": step, "loops": []}
 
-    loops = []
-    for rep in range(repeats):  # alternating, so that drift in the machine's load hits every case alike
+    loader, batch = parts.train_loader, recipe.loader.batch_size
+    it = cycle(loader)
+    x0, y0 = (t.clone() for t in next(it))  # one real batch, kept: FFCV recycles its own buffers
+    it.close()
+    events = dev.type == "cuda"
+    parts.step(x0, y0)                       # the step alone's warm-up
+    step_s, loops = [], []
+    for rep in range(repeats):
+        # alternating: end to end, each baseline, then the step alone on the held batch, so that drift in
+        # a shared machine's load hits every case alike and the ratio end to end / step alone compares
+        # blocks taken minutes, not a whole run, apart
         loops.append(_epoch_case(parts, epoch=1 + rep, steps=steps))
         for case in (base or {}).values():
             case["loops"].append(_baseline_case(case["it"], case["step"], steps=steps, sync=sync))
+        step_s.append(time_block(lambda: parts.step(x0, y0), iters=steps, sync=sync, events=events))
     e2e = {"case": "fastrefine end to end (engine.train_epoch)",
            "images_per_s": spread([lp["images"] / lp["seconds"] for lp in loops]), "loops": loops}
     results = [e2e]
@@ -145,13 +155,9 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
                         "images_per_s": spread([lp["images"] / lp["seconds"] for lp in case["loops"]]),
                         "loops": case["loops"]})
 
-    loader, batch = parts.train_loader, recipe.loader.batch_size
     it = cycle(loader)
-    x0, y0 = (t.clone() for t in next(it))  # kept while the loader runs on: FFCV recycles its own buffers
     loader_s = measure(lambda: next(it), warmup=1, iters=steps, repeats=repeats, sync=sync)
     it.close()
-    step_s = measure(lambda: parts.step(x0, y0), warmup=1, iters=steps, repeats=repeats, sync=sync,
-                     events=dev.type == "cuda")
     results += [{"case": "loader alone", "images_per_s": rates(loader_s, items=steps * batch), "seconds": loader_s},
                 {"case": "step alone (one real batch reused)", "images_per_s": rates(step_s, items=steps * batch),
                  "seconds": step_s}]
@@ -167,7 +173,9 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
                 "clock": "engine.train_epoch's own perf_counter (one sync per epoch, as in a run)"}
     notes = ["end to end = images / seconds of engine.train_epoch over --steps steps, a fresh epoch per repeat",
              "baselines: the same model pair and images, torchvision ImageFolder + PIL in a DataLoader with the "
-             "same worker count; repeats alternate with fastrefine's"]
+             "same worker count; repeats alternate with fastrefine's",
+             "step alone: the round's step on one held real batch, a block of --steps steps after each end-to-end "
+             "repeat and its baselines; loader alone: timed after the repeats"]
     parts.close()
     return make_record(command="train", settings=settings, results=results, summary=summary, notes=notes)
 
