@@ -51,10 +51,10 @@ SHUFFLE_SEED = 0
 MARKER = ".fastrefine-convert.json"     # written first, so a half-done OUT still says what it holds
 WORK = ".work"                          # scratch shards when only FFCV is asked for
 DALI_DIR = "dali"
-BETON_WRITER = "direct-v1"
+BETON_WRITER = "direct-v1"              # part of a .beton's fingerprint: files of an older writer are redone
 # Part of every shard's fingerprint. 2: plain JPEG sources are decoded DCT-scaled by TurboJPEG and shrunk
 # by OpenCV (`turbo.py`), which gives other pixels than version 1's PIL-only path, so older shards are redone.
-CLEAN_VERSION = 2              # part of a .beton's fingerprint: files of an older writer are redone
+CLEAN_VERSION = 2
 
 
 @dataclass

@@ -62,12 +62,12 @@ def clean_image(path: str, max_side: int, quality: int) -> Cleaned:
     """
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
-        if not data:
+            source = fh.read()
+        if not source:
             return Cleaned(kind="empty", reason="empty file (0 bytes)")
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(source)) as img:
             notes = _describe_source(img=img, path=path)
-            fast = _fast_path(img=img, data=data, max_side=max_side, quality=quality, notes=notes)
+            fast = _fast_path(img=img, data=source, max_side=max_side, quality=quality, notes=notes)
             if fast is not None:
                 return fast
             rgb = _to_rgb(img=img, max_side=max_side, notes=notes)
