@@ -139,3 +139,15 @@ def test_encode_roundtrips_through_pil(photos):
     data = codec.encode(rgb, 95)
     back = np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
     assert back.shape == (48, 64, 3) and np.abs(back - rgb).mean() < 2.0
+
+
+def test_missing_library_means_the_pil_path(monkeypatch, tmp_path, photos):
+    """Where libturbojpeg cannot be loaded, codec() is None, the manifest line says why, and images
+    still convert (through PIL)."""
+    for name in ("_lib", "_lib_error", "_codec"):
+        monkeypatch.setattr(turbo, name, None)
+    monkeypatch.setattr(turbo.ctypes.util, "find_library", lambda name: "libturbojpeg-not-here.so.0")
+    assert turbo.codec() is None
+    assert turbo.describe().startswith("pil (libturbojpeg not loadable")
+    out = imaging.clean_image(str(_write(tmp_path / "a.jpg", photos[7], (500, 375))), 256, 90)
+    assert out.ok and (out.width, out.height) == (256, 192)

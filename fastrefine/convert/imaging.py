@@ -96,12 +96,12 @@ def _fast_path(*, img: Image.Image, data: bytes, max_side: int, quality: int, no
     except Exception:
         return None                              # a broken EXIF block: the PIL path notes it
     size = target_size(width=img.width, height=img.height, max_side=max_side)
-    pixels = codec.decode_at_least(data, size)
-    if pixels is None:
-        return None
     try:
+        pixels = codec.decode_at_least(data, size)
+        if pixels is None:
+            return None
         encoded = codec.encode(turbo.shrink(pixels, size), quality)
-    except RuntimeError:
+    except RuntimeError:                         # the library could not start or encode: PIL does it
         return None
     return Cleaned(data=encoded, width=size[0], height=size[1], notes=tuple(notes))
 

@@ -47,16 +47,11 @@ def _load() -> ctypes.CDLL | None:
     except OSError as e:
         _lib_error = f"libturbojpeg not loadable ({e})"
         return None
-    vp, cp, ci, ul = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
-    pi = ctypes.POINTER(ctypes.c_int)
-    lib.tjInitDecompress.restype = vp
-    lib.tjInitCompress.restype = vp
-    lib.tjDecompressHeader3.argtypes = [vp, cp, ul, pi, pi, pi, pi]
-    lib.tjDecompress2.argtypes = [vp, cp, ul, vp, ci, ci, ci, ci, ci]
-    lib.tjCompress2.argtypes = [vp, vp, ci, ci, ci, ci, ctypes.POINTER(vp), ctypes.POINTER(ul), ci, ci, ci]
-    lib.tjFree.argtypes = [vp]
-    lib.tjGetScalingFactors.restype = ctypes.POINTER(_ScalingFactor)
-    lib.tjGetScalingFactors.argtypes = [pi]
+    try:
+        _declare(lib)
+    except AttributeError as e:             # a library without the TurboJPEG 2.x functions
+        _lib_error = f"libturbojpeg ({name}) lacks a function: {e}"
+        return None
     count = ctypes.c_int(0)
     table = lib.tjGetScalingFactors(ctypes.byref(count))
     factors = [(table[i].num, table[i].denom) for i in range(count.value)]
@@ -67,6 +62,20 @@ def _load() -> ctypes.CDLL | None:
         return None
     _lib = lib
     return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The signatures of the functions used (an AttributeError where one is missing)."""
+    vp, cp, ci, ul = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_ulong
+    pi = ctypes.POINTER(ctypes.c_int)
+    lib.tjInitDecompress.restype = vp
+    lib.tjInitCompress.restype = vp
+    lib.tjDecompressHeader3.argtypes = [vp, cp, ul, pi, pi, pi, pi]
+    lib.tjDecompress2.argtypes = [vp, cp, ul, vp, ci, ci, ci, ci, ci]
+    lib.tjCompress2.argtypes = [vp, vp, ci, ci, ci, ci, ctypes.POINTER(vp), ctypes.POINTER(ul), ci, ci, ci]
+    lib.tjFree.argtypes = [vp]
+    lib.tjGetScalingFactors.restype = ctypes.POINTER(_ScalingFactor)
+    lib.tjGetScalingFactors.argtypes = [pi]
 
 
 def _handles(lib: ctypes.CDLL) -> tuple[int, int]:
