@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_tmpdir(tmp_path_factory):
+    """The suite's temporary directory, for this process and every subprocess it starts (TMPDIR):
+    torchrun's torchelastic_*, multiprocessing's pymp-*, torch.compile's cache and whatever a killed
+    run leaves all land under pytest's base temp, which pytest deletes after a passing run, instead of
+    piling up in /tmp from one run of the suite to the next."""
+    path = tmp_path_factory.mktemp("tmp")
+    before_env, before_module = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = str(path)
+    yield path
+    tempfile.tempdir = before_module
+    if before_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before_env
 
 
 @pytest.fixture(scope="session")
