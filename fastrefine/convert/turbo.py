@@ -178,8 +178,9 @@ def resizer():
 
 def shrink(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The step left after a DCT-scaled decode, to exactly `size` (width, height). The decode already
-    low-passed the image to its own grid, so a step of at most 1.5x is bicubic; a larger one (a huge image
-    below libjpeg's smallest factor, 1/8) averages areas, which does not alias."""
+    low-passed the image to its own grid, so a step of at most 1.5x is bicubic; a larger one (the factors
+    are coarse at the small end: 1/4 can leave up to 2x, and 1/8, the smallest, any ratio on a huge image)
+    averages areas, which does not alias."""
     cv2 = resizer()
     width, height = size
     if rgb.shape[1] == width and rgb.shape[0] == height:
