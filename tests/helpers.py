@@ -1,9 +1,14 @@
-"""Small helpers shared by the trainer tests: a recipe file on the demo images, and a simulated kill."""
+"""Small helpers shared by the tests: a recipe file on the demo images, a simulated kill, and a conversion
+in a child process."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 
 def write_recipe(tmp_path: Path, data: Path, *, name: str, rounds: str, device: str = "cpu", seed: int = 3,
@@ -51,3 +56,17 @@ def die_after(monkeypatch, steps: int) -> None:
             raise Killed(f"killed after {steps} steps")
         return real(*args, **kwargs)
     monkeypatch.setattr(engine, "train_step", step)
+
+
+def convert_in_child(src: Path, out: Path, *, timeout: int = 180, **options) -> None:
+    """`convert_dataset(src, out, layout="folder", **options)` in a child process (its pool spawns) with a
+    time limit, so that a converter that hangs fails the test instead of freezing the suite; a failure
+    fails the test with the child's stderr."""
+    code = (f"from fastrefine.convert import convert_dataset\n"
+            f"convert_dataset(src={str(src)!r}, out={str(out)!r}, layout='folder', **{options!r})\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"convert_dataset of {src} did not finish within {timeout} s")
+    if done.returncode != 0:
+        pytest.fail(f"convert_dataset failed:\n{done.stderr[-3000:]}")

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import collections
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,8 @@ from fastrefine.errors import RunError, UsageError
 from fastrefine.loaders import build
 from fastrefine.loaders.options import TorchOptions
 from fastrefine.manifest import read_manifest
+
+from helpers import convert_in_child
 
 CPU = torch.device("cpu")
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 30, 10
@@ -39,17 +38,8 @@ def small_tree(demo_tree: Path, dest: Path) -> Path:
 
 def convert(src: Path, out: Path) -> None:
     """`convert_dataset` to DALI shards in a child process (its pool spawns; a hang fails the test)."""
-    code = textwrap.dedent(f"""
-        from fastrefine.convert import convert_dataset
-        convert_dataset(src={str(src)!r}, out={str(out)!r}, layout="folder", formats=("dali",),
-                        max_side=64, quality=90, workers=2, shard_size=32, progress=False)
-    """)
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired:
-        pytest.fail("convert_dataset did not finish within 180 s")
-    if done.returncode != 0:
-        pytest.fail(f"convert_dataset failed:\n{done.stderr[-3000:]}")
+    convert_in_child(src, out, formats=("dali",), max_side=64, quality=90, workers=2, shard_size=32,
+                     progress=False)
 
 
 @pytest.fixture(scope="module")

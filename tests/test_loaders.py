@@ -8,9 +8,6 @@ because FFCV pays ~10 s of numba compile for its first batch in a process.
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,8 @@ from fastrefine.fashion_mnist import load_fashion_mnist
 from fastrefine.errors import UsageError
 from fastrefine.loaders import build
 from fastrefine.manifest import read_manifest
+
+from helpers import convert_in_child
 
 TRAIN_COUNTS = (40, 24, 32, 16)  # 112 = 7 batches of 16: a train epoch holds every image
 VAL_COUNTS = (12, 7, 9, 5)      # 33: odd, so 2 ranks get 17 + 16 and the last batches are partial
@@ -48,18 +47,8 @@ def data(tmp_path_factory) -> Path:
     that a converter that hangs fails this module instead of freezing it."""
     root = tmp_path_factory.mktemp("loaders")
     write_tree(root / "src")
-    code = textwrap.dedent(f"""
-        from fastrefine.convert import convert_dataset
-        convert_dataset(src={str(root / 'src')!r}, out={str(root / 'conv')!r}, layout="folder",
-                        formats=("ffcv", "dali"), max_side=64, quality=90, workers=2, shard_size=40,
-                        progress=False)
-    """)
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired:
-        pytest.fail("convert_dataset did not finish within 180 s on 145 images")
-    if done.returncode != 0:
-        pytest.fail(f"convert_dataset failed:\n{done.stderr[-3000:]}")
+    convert_in_child(root / "src", root / "conv", formats=("ffcv", "dali"), max_side=64, quality=90, workers=2,
+                     shard_size=40, progress=False)
     return root / "conv"
 
 
