@@ -74,15 +74,6 @@ def run_plain_ffcv(*, src: Path, out: Path, workers: int, max_side: int) -> None
         writer.from_indexed_dataset(dataset)
 
 
-def _hwm_kib(pid: str) -> int:
-    """A process's own peak RSS (VmHWM), 0 once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmHWM:")), 0)
-
-
 def _children() -> set[str]:
     pids: set[str] = set()
     for task in Path("/proc/self/task").iterdir():
@@ -100,6 +91,7 @@ def peak_rss_child(src: Path, out: Path, workers: int, max_side: int) -> None:
     an early sample) would count as the worker's."""
     import threading
 
+    from fastrefine.bench.protocol import proc_status_kib
     from fastrefine.convert import ConvertOptions, convert_dataset
 
     last_hwm: dict[str, int] = {}      # per worker, its latest sample: VmHWM only grows once it has exec'd
@@ -108,7 +100,7 @@ def peak_rss_child(src: Path, out: Path, workers: int, max_side: int) -> None:
     def sample() -> None:
         while not done.wait(0.05):
             for pid in _children():
-                hwm = _hwm_kib(pid)
+                hwm = proc_status_kib("VmHWM", pid)
                 if hwm:
                     last_hwm[pid] = hwm
 
@@ -119,7 +111,7 @@ def peak_rss_child(src: Path, out: Path, workers: int, max_side: int) -> None:
             max_side=max_side, workers=workers, splits=("train",), progress=False))
     done.set()
     sampler.join()
-    print(json.dumps({"self_mib": _hwm_kib("self") / 1024, "children_mib": max(last_hwm.values(), default=0) / 1024}))
+    print(json.dumps({"self_mib": proc_status_kib("VmHWM") / 1024, "children_mib": max(last_hwm.values(), default=0) / 1024}))
 
 
 def main() -> None:

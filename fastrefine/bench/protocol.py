@@ -117,6 +117,15 @@ def write_json(path: Path | None, record: dict) -> None:
         atomic_json(Path(path), record)
 
 
+def proc_status_kib(field: str, pid: str = "self") -> int | None:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM, ...); None where the process or the field is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith(f"{field}:")), None)
+
+
 class PeakMemory:
     """Peak memory of one case: CUDA max_memory_allocated, or the process's peak RSS on the CPU.
 
@@ -146,18 +155,16 @@ class PeakMemory:
         """What is held now (CUDA allocated, or the process RSS): the floor the peak is read against."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / 2**20
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        kib = proc_status_kib("VmRSS")
+        return float("nan") if kib is None else kib / 1024
 
     def peak_mib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         if "clear_refs" in self.method:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+            kib = proc_status_kib("VmHWM")
+            if kib is not None:
+                return kib / 1024
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
