@@ -26,17 +26,22 @@ def _suite_tmpdir(tmp_path_factory):
     """The suite's temporary directory, for this process and every subprocess it starts (TMPDIR):
     torchrun's torchelastic_*, multiprocessing's pymp-*, torch.compile's cache and whatever a killed
     run leaves all land under pytest's base temp, which pytest deletes after a passing run, instead of
-    piling up in /tmp from one run of the suite to the next."""
+    piling up in /tmp from one run of the suite to the next. torch.compile's cache is named on its own:
+    importing torch.utils.flop_counter (fastrefine.models does) already fixed TORCHINDUCTOR_CACHE_DIR
+    from the temp dir of collection time."""
     path = tmp_path_factory.mktemp("tmp")
-    before_env, before_module = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"] = str(path)
+    before_module = tempfile.tempdir
+    settings = {"TMPDIR": str(path), "TORCHINDUCTOR_CACHE_DIR": str(path / "torchinductor")}
+    before_env = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     tempfile.tempdir = str(path)
     yield path
     tempfile.tempdir = before_module
-    if before_env is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = before_env
+    for key, value in before_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
