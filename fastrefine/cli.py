@@ -218,7 +218,7 @@ def inspect_cmd(checkpoint: Path = typer.Argument(..., help="A round's checkpoin
                 resolution: Optional[int] = typer.Option(None, "--resolution", min=8, help="Crop size fed to the model (default: the run's)."),
                 scale_lo: float = typer.Option(0.08, "--min-scale", min=0.01, max=1.0, help="Smallest crop area, as a fraction of the image.")):
     """The refinery's top-5 on random crops of one image, beside the ground truth (the paper's Figure 1)."""
-    from .crops import inspect_image, load_class_list
+    from .inspect_crops import inspect_image, load_class_list
     names = load_class_list(data) if data else None
     res = inspect_image(checkpoint=checkpoint, image=image, crops=crops, out=out_png, class_names=names, seed=seed,
                         resolution=resolution, scale=(scale_lo, 1.0))

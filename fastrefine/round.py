@@ -181,7 +181,7 @@ def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False) ->
     if src.kind == "none":
         return None, "none (labels)"
     if src.kind == "torchvision":
-        from .refineries import adapt_normalization, load_torchvision_refinery, torchvision_normalization
+        from .pretrained import adapt_normalization, load_torchvision_refinery, torchvision_normalization
         name = src.spec[len(TORCHVISION_PREFIX):]
         model, desc = load_torchvision_refinery(name, weights=r.refinery.weights, class_map=r.refinery.class_map,
                                                 class_names=env.class_names, num_classes=env.num_classes)

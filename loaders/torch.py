@@ -8,7 +8,7 @@ tars, labels from each `.cls` member: `samples.SampleTable`); the original sourc
   bilinear), the uint8 batch goes to the device and is normalised there in fp32 and cast once.
 * `decode="device"`: workers only read bytes; the batch is decoded with `torchvision.io.decode_jpeg(
   list, device=...)` (nvJPEG on CUDA) and cropped, resized, flipped and normalised for the whole batch
-  on the device (`gpu_decode.py`). The same code runs on the CPU, where CI tests it against the host
+  on the device (`batch_decode.py`). The same code runs on the CPU, where CI tests it against the host
   path. `decode="auto"`: device on CUDA, host otherwise.
 
 Augmentation parameters come from a per-sample RNG seeded by (seed, epoch, index) in both modes, so an
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastrefine.errors import RunError, UsageError
 
-from . import gpu_decode
+from . import batch_decode
 from .base import LoaderBase, LoaderOptions
 from .samples import SampleTable, crop_for, epoch_batches, sample_crop, sample_table, samples_per_rank
 
@@ -98,7 +98,7 @@ class TorchLoader(LoaderBase):
         self.batch_size = opts.batch_size
         self.resolution = opts.resolution
         self.epoch = 0
-        self._scale, self._shift = gpu_decode.scale_shift(opts, opts.device)
+        self._scale, self._shift = batch_decode.scale_shift(opts, opts.device)
 
     @property
     def num_samples(self) -> int:
@@ -131,7 +131,7 @@ class TorchLoader(LoaderBase):
             if host:
                 images, labels = batch
                 images = images.to(o.device, non_blocking=True)
-                x = gpu_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
+                x = batch_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
                                               channels_last=o.channels_last)
             else:
                 x, labels = self._device_batch(*batch)
@@ -140,17 +140,17 @@ class TorchLoader(LoaderBase):
     def _device_batch(self, blobs: list[bytes], labels: torch.Tensor, index: list[int]):
         o = self.opts
         blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        images = gpu_decode.decode_batch(blobs, o.device, where=lambda i: self.table.where(index[i]))
+        images = batch_decode.decode_batch(blobs, o.device, where=lambda i: self.table.where(index[i]))
         boxes, flips = [], []
         for img, i in zip(images, index):
             h, w = img.shape[-2:]
             if o.train:
                 box, flip = crop_for(o, epoch=self.epoch, index=i, width=w, height=h)
             else:
-                box, flip = gpu_decode.center_box(w, h, self.resolution, o.val_crop_ratio), False
+                box, flip = batch_decode.center_box(w, h, self.resolution, o.val_crop_ratio), False
             boxes.append(box)
             flips.append(flip)
-        x = gpu_decode.device_batch(images, boxes=boxes, flips=flips, resolution=self.resolution,
+        x = batch_decode.device_batch(images, boxes=boxes, flips=flips, resolution=self.resolution,
                                     scale=self._scale, shift=self._shift, dtype=o.dtype,
                                     channels_last=o.channels_last)
         return x, labels
@@ -161,5 +161,5 @@ def host_reference(table: SampleTable, opts: LoaderOptions, *, epoch: int, indic
     ds = _Samples(table, opts, decode_here=True)
     ds.epoch, ds.resolution = epoch, resolution
     images = torch.stack([ds[int(i)][0] for i in np.asarray(indices)])
-    scale, shift = gpu_decode.scale_shift(opts, torch.device("cpu"))
-    return gpu_decode.normalize_cast(images, scale, shift, dtype=torch.float32, channels_last=False)
+    scale, shift = batch_decode.scale_shift(opts, torch.device("cpu"))
+    return batch_decode.normalize_cast(images, scale, shift, dtype=torch.float32, channels_last=False)

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fastrefine.cli import app
-from fastrefine.crops import inspect_image, load_class_list
+from fastrefine.inspect_crops import inspect_image, load_class_list
 from fastrefine.recipe import load_recipe
 from fastrefine.chain import run_recipe
 from fastrefine.round import load_model_from_checkpoint
@@ -92,7 +92,7 @@ def test_probabilities_come_from_the_checkpoint(trained, dress, tmp_path):
 
 def test_exact_match_on_a_full_image_box(trained, dress, tmp_path, monkeypatch):
     """A box covering the whole 32 px image needs no resize: the numbers must agree exactly."""
-    import fastrefine.crops as insp
+    import fastrefine.inspect_crops as insp
     monkeypatch.setattr(insp, "sample_boxes", lambda **kw: [(0, 0, 32, 32)] * kw["crops"])
     res = inspect_image(checkpoint=trained, image=dress, crops=1, out=tmp_path / "b.png", class_names=None,
                         seed=0, resolution=32)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fastrefine.errors import UsageError
 from fastrefine.loaders import IMAGENET_MEAN, IMAGENET_STD
-from fastrefine.refineries import (ClassMapHead, adapt_normalization, hub_cache_path, imagenet_order_problem,
+from fastrefine.pretrained import (ClassMapHead, adapt_normalization, hub_cache_path, imagenet_order_problem,
                                    load_torchvision_refinery, torchvision_normalization)
 from fastrefine.refinery import Refinery
 
