@@ -35,18 +35,26 @@ def run_dir_of(recipe: Recipe) -> Path:
 
 def dataset_classes(recipe: Recipe) -> tuple[int, list[str]]:
     """(number of classes, class names in label order: wnids for converted ImageNet) of the recipe's data."""
-    path = Path(recipe.data.path)
+    return data_classes(Path(recipe.data.path), num_classes=recipe.data.num_classes, where="data.path")
+
+
+def data_classes(path: Path, *, num_classes: int | None = None, where: str = "data") -> tuple[int, list[str]]:
+    """(number of classes, class names in label order) of a converted folder or an ImageFolder root
+    (train/<class>/, or val/<class>/ when there is no train/)."""
+    path = Path(path)
     names: list[str] = []
     if (path / "manifest.json").is_file():
         from .manifest import read_manifest
         names = [c.wnid for c in read_manifest(path).classes]
-    elif (path / "train").is_dir():
-        names = sorted(d.name for d in (path / "train").iterdir() if d.is_dir())
-    if recipe.data.num_classes is not None:
-        return recipe.data.num_classes, names
+    else:
+        split = next((path / s for s in ("train", "val") if (path / s).is_dir()), None)
+        if split is not None:
+            names = sorted(d.name for d in split.iterdir() if d.is_dir())
+    if num_classes is not None:
+        return num_classes, names
     if names:
         return len(names), names
-    raise UsageError(f"data.path = {str(path)!r}: no manifest.json and no train/<class>/ folders "
+    raise UsageError(f"{where} = {str(path)!r}: no manifest.json and no train/<class>/ folders "
                      f"(convert it with `fastrefine convert` or point at an ImageFolder root)")
 
 

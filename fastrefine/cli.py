@@ -229,6 +229,17 @@ def inspect_cmd(checkpoint: Path = typer.Argument(..., help="A round's checkpoin
     out.print(f"wrote {res['out']}", highlight=False)
 
 
+# ------------------------------------------------------------------------------------- eval, export
+# Registered by fastrefine.model_cli (kept there so this module stays small).
+
+def _register_model_commands() -> None:
+    from .model_cli import register
+    register(app, handle_errors=handle_errors, console=out)
+
+
+_register_model_commands()
+
+
 def main() -> None:
     app()
 

@@ -113,8 +113,12 @@ def _host_count(n: int, device: torch.device) -> torch.Tensor:
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batches: int | None = None,
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, set_eval: bool = True) -> dict:
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, set_eval: bool = True,
+             num_classes: int | None = None) -> dict:
     """top-1, top-5 and cross-entropy of `model` over the loader (every image once, across ranks).
+
+    With `num_classes`, also per-class top-1: "class_images" and "class_top1_hits", lists indexed by
+    label, counted on the device beside the sums and read in the same single sync.
 
     The forward runs under inference_mode, as the refinery does in the step (a compiled refinery keeps one
     graph); the loader is iterated outside it, so that a loader thread writing into buffers made here is
@@ -137,6 +141,9 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
                 hit = top == labels[:, None]
                 batch = torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
                                      hit[:, 0].sum().float(), hit.any(dim=1).sum().float()])
+                if num_classes is not None:  # per-class images and top-1 hits, on the device
+                    batch = torch.cat([batch, torch.bincount(labels, minlength=num_classes).float(),
+                                       torch.bincount(labels[hit[:, 0]], minlength=num_classes).float()])
                 sums = batch if sums is None else sums + batch
             seen += labels.shape[0]
             if max_batches and i + 1 >= max_batches:
@@ -147,9 +154,14 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
             model.train(was_training)
     if sums is None:
         raise RunError("the val loader yielded no batch")
-    totals = all_reduce(torch.cat([sums.clone(), _host_count(seen, sums.device)]))
-    loss, top1, top5, n = totals.tolist()  # one sync per evaluation
-    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(n)}
+    totals = all_reduce(torch.cat([sums.clone(), _host_count(seen, sums.device)])).tolist()  # one sync per evaluation
+    loss, top1, top5, n = totals[:3] + totals[-1:]
+    out = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(n)}
+    if num_classes is not None:
+        per = totals[3:-1]
+        out["class_images"] = [int(v) for v in per[:num_classes]]
+        out["class_top1_hits"] = [int(v) for v in per[num_classes:]]
+    return out
 
 
 def build_step(**kwargs) -> Callable:

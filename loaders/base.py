@@ -58,10 +58,13 @@ class LoaderOptions:
     flip: bool = True            # train only: a random horizontal flip with probability 0.5
     shuffle: bool | None = None  # None: shuffle train, not val
     drop_last: bool | None = None  # None: drop on train, keep on val
+    augment: bool | None = None    # None: the train split's transform on train, val's on val; False: the
+                                   # val transform on either split (`fastrefine eval --split train`)
 
     @property
     def train(self) -> bool:
-        return self.split == "train"
+        """The train transform (random crop, flip): the train split, unless `augment` says otherwise."""
+        return self.split == "train" if self.augment is None else self.augment
 
     @property
     def do_shuffle(self) -> bool:
