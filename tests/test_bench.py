@@ -95,6 +95,9 @@ def test_decode_writes_json(demo_tree, tmp_path):
         _check_rate(r["images_per_s"])
     assert rec["settings"]["decoder"] == "cv2" and "libjpeg-turbo" in rec["settings"]["decoder_detail"]
     assert rec["summary"]["ceiling_images_per_s"] > 0
+    # bits per pixel from the JPEG headers: the demo tree's 32x32 JPEGs, by hand
+    blobs, _ = bench_decode.jpeg_blobs(demo_tree, split="train", limit=80, source="auto")
+    assert rec["settings"]["bits_per_pixel"] == pytest.approx(8 * sum(map(len, blobs)) / (80 * 32 * 32))
 
 
 def test_both_decoders_decode_real_pixels(demo_tree):
@@ -113,7 +116,7 @@ def test_loader_reports_working_and_failing_backends(demo_tree, tmp_path):
     out = tmp_path / "loader.json"
     _invoke(["bench", "loader", str(demo_tree), "--backend", "torch,ffcv", "--resolution", "32",
              "--batch-size", "16", "--batches", "2", "--warmup", "1", "--workers", "1",
-             "--baseline-workers", "1", "--ceiling-images", "48", "--json", str(out)])
+             "--baseline-workers", "1", "--ceiling-images", "48", "--decode-resize", "--json", str(out)])
     rec = _load(out, "loader")
     by = {r["backend"]: r for r in rec["results"]}
     assert set(by) == {"torch", "ffcv", "torchvision-baseline"}
@@ -130,6 +133,12 @@ def test_loader_reports_working_and_failing_backends(demo_tree, tmp_path):
     assert s["best_over_baseline"] == pytest.approx(s["best_images_per_s"] / s["baseline_images_per_s"])
     assert s["best_over_ceiling"] == pytest.approx(s["best_images_per_s"] / s["decode_ceiling_images_per_s"])
     assert s["decode_ceiling_decoder"] == "turbo"  # the FFCV loader's own decoder: the strictest ceiling
+    bound = rec["decode_resize"]  # full decode + crop + resize alone, on the ceiling's 48 images
+    assert bound["images"] == 48 and bound["resolution"] == 32 and bound["undecodable"] == 0
+    _check_rate(bound["images_per_s"])
+    assert s["best_over_decode_resize"] == pytest.approx(s["best_images_per_s"] / s["decode_resize_images_per_s"])
+    assert s["decode_resize_over_ceiling"] == pytest.approx(
+        s["decode_resize_images_per_s"] / s["decode_ceiling_images_per_s"])
 
 
 def test_step_writes_json_with_bound_and_ratio(tmp_path):
@@ -207,6 +216,9 @@ epochs = 1
     (["bench", "decode", "/nonexistent/data"], "/nonexistent/data does not exist"),
     (["bench", "loader", "/tmp", "--backend", "torch,pillow"], "unknown ['pillow']"),
     (["bench", "train", "/nonexistent/recipe.toml"], "recipe file not found"),
+    (["bench", "decode", "/tmp", "--workers", "100000"], "--workers 100000: expected 1 to"),
+    (["bench", "loader", "/tmp", "--workers", "0"], "--workers 0: expected 1 to"),
+    (["bench", "loader", "/tmp", "--resolution", "100000"], "--resolution 100000: expected 8 to 4096"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
     res = runner.invoke(app, args)

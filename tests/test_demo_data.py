@@ -1,7 +1,8 @@
 import numpy as np
 from PIL import Image
 
-from fastrefine.fashion_mnist import CLASS_NAMES, WNIDS, export_fashion_mnist, load_fashion_mnist, select
+from fastrefine.fashion_mnist import (CLASS_NAMES, WNIDS, export_fashion_mnist, export_imagenet_like,
+                                      load_fashion_mnist, select)
 
 
 def test_export_matches_source(tmp_path):
@@ -32,3 +33,21 @@ def test_export_is_idempotent(tmp_path):
     before = f.stat().st_mtime_ns
     export_fashion_mnist(out, size=32, limit_per_class=2, workers=1, progress=False)
     assert f.stat().st_mtime_ns == before
+
+
+def test_imagenet_like_tree_has_imagenet_sized_detailed_photos(tmp_path):
+    out = tmp_path / "il"
+    assert export_imagenet_like(out, images=20, classes=2) == {"train": 20, "val": 2}
+    files = sorted((out / "train" / "class1").glob("*.jpg"))
+    assert len(files) == 10 and len(list((out / "val").rglob("*.jpg"))) == 2
+    with Image.open(files[0]) as im:
+        assert im.size == (500, 375) and im.mode == "RGB"
+    # a mosaic of 30 photos has the detail of a photograph: far more bytes than one upscaled photo
+    flat = export_imagenet_like(tmp_path / "up", images=20, classes=2, content="upscaled")
+    assert flat == {"train": 20, "val": 2}
+    mosaic_bytes = sum(f.stat().st_size for f in files)
+    upscaled_bytes = sum(f.stat().st_size for f in (tmp_path / "up" / "train" / "class1").glob("*.jpg"))
+    assert mosaic_bytes > 2 * upscaled_bytes
+    before = files[0].stat().st_mtime_ns
+    export_imagenet_like(out, images=20, classes=2)  # the same settings again: nothing rewritten
+    assert files[0].stat().st_mtime_ns == before

@@ -1,7 +1,7 @@
 """The FFCV loader's own decoder, its seeded randomness, threads, abandoned epochs and damaged files.
 
 CPU only. The data: one small `.beton` written by FFCV's own DatasetWriter from real Fashion-MNIST
-photos, laid out as 500x375 mosaics (30 photos of one class at 84 px, as tools/bench_loaders.py
+photos, laid out as 500x375 mosaics (30 photos of one class at 84 px, as tools/make_demo_data.py --imagenet-like
 makes) and 256x192 ones, so that the decoder's three paths all run: DCT-scaled decode (boxes at least
 2x the 64 px output), the lossless window cut (small boxes on the large images) and full size. FFCV
 compiles its pipeline per loader (~10 s on 2 cores): the loaders are module-scoped and shared.

@@ -55,10 +55,8 @@ from pathlib import Path
 from PIL import Image
 root = Path(sys.argv[1])
 try:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bl", "tools/bench_loaders.py")
-    bl = importlib.util.module_from_spec(spec); spec.loader.exec_module(bl)
-    bl.make_tree(root, images=1000)
+    from fastrefine.fashion_mnist import export_imagenet_like
+    export_imagenet_like(root, images=1000)
 except Exception as e:  # no Fashion-MNIST here: crops of the repository's own figures, 10 classes
     print("fashion-mnist unavailable:", e)
     pngs = sorted(Path("docs").glob("*.png"))

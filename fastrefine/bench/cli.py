@@ -40,6 +40,9 @@ def _show_decode(console, rec: dict) -> None:
     rows = [[r["mode"], str(r["images"]), _fmt_rate(r["images_per_s"])] for r in rec["results"]]
     console.print(_table(f"JPEG decode ceiling: {s['decoder_detail']}; {s['source']}",
                          ["mode", "images", "images/s median (min-max)"], rows))
+    if s.get("bits_per_pixel"):
+        console.print(f"JPEGs: {s['mean_jpeg_bytes'] / 1000:.1f} kB, {s['bits_per_pixel']:.2f} bits per pixel on average",
+                      highlight=False, markup=False)
     failed = rec["results"][0].get("undecodable", 0)
     if failed:
         console.print(f"{failed} image(s) could not be decoded by {s['decoder']} and were left out of the timing",
@@ -64,6 +67,12 @@ def _show_loader(console, rec: dict) -> None:
     sm = rec["summary"]
     for name, why in sm.get("failed", {}).items():
         console.print(f"{name} failed: {why}", highlight=False, markup=False)
+    if sm.get("decode_resize_images_per_s"):
+        console.print(f"decode + crop + resize alone (numba threads, no loader): "
+                      f"{sm['decode_resize_images_per_s']:,.0f} images/s", highlight=False)
+    for key in ("best_over_decode_resize", "decode_resize_over_ceiling"):
+        if key in sm:
+            console.print(f"{key.replace('_', ' ')}: {sm[key]:.2f}", highlight=False)
     if sm.get("decode_ceiling_images_per_s"):
         console.print(f"decode ceiling ({sm.get('decode_ceiling_decoder', 'cv2')}, full decode, all cores): "
                       f"{sm['decode_ceiling_images_per_s']:,.0f} images/s",
@@ -112,10 +121,22 @@ def _show_train(console, rec: dict) -> None:
 
 def register(app, *, handle_errors, console) -> None:
     """Add `decode`, `loader`, `step` and `train` to the `fastrefine bench` typer app."""
-    import typer
+    for add in (_add_decode, _add_loader, _add_step, _add_train):
+        add(app, handle_errors=handle_errors, console=console)
 
-    json_opt = typer.Option(None, "--json", help="Also write everything (settings, every repeat) as JSON here.")
-    repeats_opt = typer.Option(3, "--repeats", min=MIN_REPEATS, help="Timed repeats (median and spread).")
+
+def _json_opt():
+    import typer
+    return typer.Option(None, "--json", help="Also write everything (settings, every repeat) as JSON here.")
+
+
+def _repeats_opt():
+    import typer
+    return typer.Option(3, "--repeats", min=MIN_REPEATS, help="Timed repeats (median and spread).")
+
+
+def _add_decode(app, *, handle_errors, console) -> None:
+    import typer
 
     @app.command("decode")
     @handle_errors
@@ -124,42 +145,47 @@ def register(app, *, handle_errors, console) -> None:
                images: int = typer.Option(2000, "--images", min=1, help="JPEGs to read into memory and decode."),
                source: str = typer.Option("auto", "--source", help="auto, dali (shard JPEGs), ffcv (.beton) or folder."),
                decoder: str = typer.Option("cv2", "--decoder", help="cv2 (OpenCV's libjpeg-turbo), pil (the torch loader's) or turbo (FFCV's own TurboJPEG call, fast DCT; the loader bench's ceiling)."),
-               workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Pool size (default: all cores)."),
-               warmup: int = typer.Option(1, "--warmup", min=0), repeats: int = repeats_opt,
-               json_out: Optional[Path] = json_opt):
+               workers: Optional[int] = typer.Option(None, "--workers", help="Pool size (default: all cores; at most 4 per core)."),
+               warmup: int = typer.Option(1, "--warmup", min=0), repeats: int = _repeats_opt(),
+               json_out: Optional[Path] = _json_opt()):
         """JPEG decode alone (no augmentation), one process and all cores: the loaders' ceiling."""
         rec = run_decode(data=data, split=split, images=images, source=source, decoder=decoder, workers=workers,
                          warmup=warmup, repeats=repeats)
         _show_decode(console, rec)
         write_json(json_out, rec)
 
+
+def _add_loader(app, *, handle_errors, console) -> None:
+    import typer
+
     @app.command("loader")
     @handle_errors
     def loader(data: Path = typer.Argument(..., help="A converted folder (manifest.json) or an ImageFolder tree."),
                backend: str = typer.Option("dali,ffcv,torch", "--backend", help="Comma list of backends."),
                split: str = typer.Option("train", "--split"),
-               resolution: int = typer.Option(224, "--resolution", min=8),
+               resolution: int = typer.Option(224, "--resolution", help="Output side in px (8 to 4096)."),
                batch_size: int = typer.Option(256, "--batch-size", min=1),
                batches: int = typer.Option(20, "--batches", min=1, help="Batches per timed repeat."),
                warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed batches after the first."),
-               repeats: int = repeats_opt,
-               workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Loader workers (default: all cores)."),
+               repeats: int = _repeats_opt(),
+               workers: Optional[int] = typer.Option(None, "--workers", help="Loader workers (default: all cores; at most 4 per core)."),
                device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
                baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", help="Original JPEG ImageFolder for the torchvision baseline (default: the split's source folder)."),
                baseline_workers: int = typer.Option(2, "--baseline-workers", min=0),
                ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Also measure the decode ceiling."),
-               ceiling_images: int = typer.Option(1000, "--ceiling-images", min=1),
+               ceiling_images: int = typer.Option(1000, "--ceiling-images", min=1, help="JPEGs read for the ceiling and --decode-resize."),
+               decode_resize: bool = typer.Option(False, "--decode-resize", help="Also time full decode + random crop + resize to --resolution in numba threads, nothing else (needs FFCV): the least a loader that decodes whole images must do."),
                ffcv_decoders: str = typer.Option("fast", "--ffcv-decoders", help="Comma list of FFCV decoders to time side by side on the same .beton: fast (fastrefine's), stock (FFCV's)."),
                rounds: int = typer.Option(1, "--rounds", min=1, help="Time the cases in turn this many times (A B A B ...); figures over all rounds."),
                baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the torchvision ImageFolder baseline."),
                torch_decodes: str = typer.Option("auto", "--torch-decodes", help="Comma list of torch-backend decode modes to time side by side: auto, host (PIL in workers), device (batched decode_jpeg; nvJPEG on CUDA)."),
-               json_out: Optional[Path] = json_opt):
+               json_out: Optional[Path] = _json_opt()):
         """Each loader backend alone beside the torchvision ImageFolder baseline; failures say why (exit 1
         when every case failed)."""
         rec = run_loader(data=data, backends=_csv(backend, what="--backend"), split=split, resolution=resolution,
                          batch_size=batch_size, batches=batches, warmup=warmup, repeats=repeats, workers=workers,
                          device=device, baseline_folder=baseline_folder, baseline_workers=baseline_workers,
-                         ceiling=ceiling, ceiling_images=ceiling_images,
+                         ceiling=ceiling, ceiling_images=ceiling_images, decode_resize=decode_resize,
                          ffcv_decoders=_csv(ffcv_decoders, what="--ffcv-decoders"), rounds=rounds,
                          baseline=baseline, torch_decodes=_csv(torch_decodes, what="--torch-decodes"))
         _show_loader(console, rec)
@@ -167,6 +193,10 @@ def register(app, *, handle_errors, console) -> None:
         if not any(r.get("ok") for r in rec["results"]):
             from ..errors import RunError
             raise RunError("bench loader: every case failed (reasons above)")
+
+
+def _add_step(app, *, handle_errors, console) -> None:
+    import typer
 
     @app.command("step")
     @handle_errors
@@ -180,7 +210,7 @@ def register(app, *, handle_errors, console) -> None:
              channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
              compile: bool = typer.Option(False, "--compile", help="torch.compile student and refinery (first call timed apart)."),
              warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
-             repeats: int = repeats_opt, json_out: Optional[Path] = json_opt):
+             repeats: int = _repeats_opt(), json_out: Optional[Path] = _json_opt()):
         """The train step alone on synthetic device tensors: student alone vs student + refinery."""
         if precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UsageError(f"--precision: expected auto, bf16, fp16 or fp32, got {precision!r}")
@@ -190,17 +220,21 @@ def register(app, *, handle_errors, console) -> None:
         _show_step(console, rec)
         write_json(json_out, rec)
 
+
+def _add_train(app, *, handle_errors, console) -> None:
+    import typer
+
     @app.command("train")
     @handle_errors
     def train(recipe: Path = typer.Argument(..., help="A recipe TOML."),
               overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE"),
               round_name: Optional[str] = typer.Option(None, "--round", help="Which round (default: the last)."),
               steps: int = typer.Option(20, "--steps", min=1, help="Steps per timed repeat."),
-              warmup: int = typer.Option(3, "--warmup", min=0), repeats: int = repeats_opt,
+              warmup: int = typer.Option(3, "--warmup", min=0), repeats: int = _repeats_opt(),
               baseline: bool = typer.Option(False, "--baseline", help="Also time the plain torchvision loop (fp32, and channels_last + the precision fastrefine picks here: bf16 where the hardware has it) on the same images and model pair, alternating."),
               baseline_bf16: bool = typer.Option(False, "--baseline-bf16", help="With --baseline, also time channels_last + bf16 where fastrefine picks another precision (a CPU without native bf16: slow, emulated)."),
               baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", help="ImageFolder for the baseline (default: the dataset's source train folder)."),
-              json_out: Optional[Path] = json_opt):
+              json_out: Optional[Path] = _json_opt()):
         """The trainer's own epoch loop end to end from a recipe, and loader and step alone."""
         rec = run_train(recipe_path=recipe, overrides=overrides, round_name=round_name, steps=steps,
                         warmup=warmup, repeats=repeats, baseline=baseline, baseline_folder=baseline_folder,

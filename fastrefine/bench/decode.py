@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from ..errors import RunError, UsageError
 
-from .protocol import make_record, measure, rates
+from .protocol import check_workers, make_record, measure, rates
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
@@ -229,17 +231,109 @@ def bench_decode(*, blobs: list[bytes], decoder: str, workers: int, warmup: int,
     return results
 
 
+def jpeg_stats(blobs: list[bytes]) -> dict:
+    """Mean bytes and bits per pixel of the JPEGs (how much detail a decoder must undo; ImageNet at max
+    side 256, q90 is ~17 kB, ~2.8 bits per pixel), from their headers. Files whose header does not parse
+    count in the bytes only."""
+    import io
+
+    from PIL import Image
+    pixels, sized = 0, 0
+    for b in blobs:
+        try:
+            with Image.open(io.BytesIO(b)) as im:
+                pixels += im.size[0] * im.size[1]
+            sized += len(b)
+        except Exception:  # noqa: BLE001  a damaged header: the timing leaves it out as well
+            continue
+    return {"mean_jpeg_bytes": sum(map(len, blobs)) / len(blobs),
+            "bits_per_pixel": 8 * sized / pixels if pixels else None}
+
+
 def run_decode(*, data: Path, split: str, images: int, source: str, decoder: str, workers: int | None,
                warmup: int, repeats: int) -> dict:
-    workers = workers or os.cpu_count() or 1
+    workers = check_workers(workers, option="--workers")
     blobs, where = jpeg_blobs(data, split=split, limit=images, source=source)
     results = bench_decode(blobs=blobs, decoder=decoder, workers=workers, warmup=warmup, repeats=repeats)
     settings = {"data": str(data), "split": split, "images": len(blobs), "source": where, "decoder": decoder,
                 "decoder_detail": DECODERS[decoder], "workers": workers, "warmup": warmup, "repeats": repeats,
-                "mean_jpeg_bytes": sum(map(len, blobs)) / len(blobs), "clock": "time.perf_counter",
+                **jpeg_stats(blobs), "clock": "time.perf_counter",
                 "undecodable": results[0]["undecodable"]}
     return make_record(command="decode", settings=settings, results=results,
                        summary={"ceiling_images_per_s": results[-1]["images_per_s"]["median"],
                                 "per_core_images_per_s": results[0]["images_per_s"]["median"]},
                        notes=["decode only: JPEG bytes already in memory, no crop/resize/normalise"])
 
+
+
+# ------------------------------------------------------------------ decode + crop + resize, no loader
+
+@functools.lru_cache(maxsize=None)
+def _decode_resize_kernel():
+    """The numba kernel of decode_resize_rates, compiled once per process and kept (a dispatcher that is
+    collected while its compiled code is in use prints numba's "Exception ignored ... KeyError")."""
+    import numba
+    from ffcv.fields.rgb_image import get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+
+    dec, rsz, crop = (numba.njit(f, nogil=True) for f in (imdecode, resize_crop, get_random_crop))
+
+    @numba.njit(parallel=True, nogil=True)
+    def run(flat, offsets, dims, idx, tmp, out, scale, ratio):
+        for j in numba.prange(len(idx)):
+            i = idx[j]
+            h, w = dims[i, 0], dims[i, 1]
+            dec(flat[offsets[i]:offsets[i + 1]], tmp[j], h, w, h, w, 0, 0, 1, 1, False, False)
+            pic = tmp[j][:h * w * 3].reshape(h, w, 3)
+            y, x, ch, cw = crop(h, w, scale, ratio)
+            rsz(pic, y, y + ch, x, x + cw, out[j])
+    return run
+
+
+def decode_resize_rates(items: list, *, batch: int, workers: int, resolution: int, batches: int, warmup: int,
+                        repeats: int) -> tuple[list[float], int]:
+    """(seconds per block of `batches` batches, the batch used) of what a CPU loader that decodes whole
+    images must at least do per train sample: FFCV's full decode (TurboJPEG, fast DCT) + random crop + resize to resolution x
+    resolution (OpenCV INTER_AREA) in numba threads, into reused uint8 buffers; no flip, no normalisation,
+    no loader machinery. fastrefine's FFCV decoder does less (it decodes at the size the crop needs) and
+    can pass it. `items`: (bytes as uint8 array, height, width), as prepare_blobs(decoder="turbo") gives."""
+    import numba
+    import numpy as np
+
+    dims = np.array([(h, w) for _, h, w in items], np.uint32)
+    offsets = np.concatenate([[0], np.cumsum([len(data) for data, _, _ in items])]).astype(np.int64)
+    flat = np.concatenate([data for data, _, _ in items])
+    scale, ratio = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))
+    run = _decode_resize_kernel()
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
+    try:
+        batch = min(batch, len(items))
+        tmp = np.empty((batch, int(dims[:, 0].max()) * int(dims[:, 1].max()) * 3), np.uint8)
+        out = np.empty((batch, resolution, resolution, 3), np.uint8)
+        starts = list(range(0, len(items) - batch + 1, batch))
+        at = itertools.count()
+
+        def one_batch() -> None:
+            s = starts[next(at) % len(starts)]
+            run(flat, offsets, dims, np.arange(s, s + batch), tmp, out, scale, ratio)
+        one_batch()  # numba compiles here, untimed
+        return measure(one_batch, warmup=warmup, iters=batches, repeats=repeats, sync=lambda: None), batch
+    finally:
+        numba.set_num_threads(before)
+
+
+def run_decode_resize(*, data: Path, split: str, images: int, resolution: int, batch_size: int, workers: int,
+                      batches: int, warmup: int, repeats: int) -> dict:
+    """decode_resize_rates on up to `images` JPEGs of the split (read as `bench decode` reads them)."""
+    if fastest_decoder() != "turbo":
+        raise UsageError("--decode-resize: needs FFCV (its TurboJPEG decode and resize), which does not import here")
+    blobs, where = jpeg_blobs(data, split=split, limit=images, source="auto")
+    items, failed = decodable(blobs, decoder="turbo")
+    if not items:
+        raise RunError(f"--decode-resize: turbo could not decode any of the {failed} images ({where})")
+    seconds, batch = decode_resize_rates(items, batch=batch_size, workers=workers, resolution=resolution,
+                                         batches=batches, warmup=warmup, repeats=repeats)
+    return {"images": len(items), "undecodable": failed, "source": where, "batch": batch, "threads": workers,
+            "resolution": resolution, "images_per_s": rates(seconds, items=batches * batch), "seconds": seconds}

@@ -96,6 +96,22 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if choice == "cuda" else torch.device("cpu")
 
 
+WORKERS_PER_CORE = 4  # a pool of more processes than 4 per core measures the scheduler, not the work
+
+
+def check_workers(workers: int | None, *, option: str) -> int:
+    """A process or thread count for a bench: None means all cores; more than WORKERS_PER_CORE per core is
+    refused with one line (a typo like 100000 would start that many processes)."""
+    cores = os.cpu_count() or 1
+    if workers is None:
+        return cores
+    top = WORKERS_PER_CORE * cores
+    if not 1 <= workers <= top:
+        raise UsageError(f"{option} {workers}: expected 1 to {top} ({WORKERS_PER_CORE} per core, "
+                         f"{cores} cores here)")
+    return workers
+
+
 def clock_name(device: torch.device) -> str:
     return "CUDA events" if device.type == "cuda" else "time.perf_counter (CPU ops are synchronous)"
 
@@ -167,11 +183,6 @@ class PeakMemory:
                 return kib / 1024
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _memory_format(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
 
 
 # ------------------------------------------------------------------------------------------ batches

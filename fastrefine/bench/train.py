@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
+from .baseline import baseline_batches, baseline_dataloader, baseline_step
 from .protocol import MIN_REPEATS, time_block, cycle, make_record, make_sync, measure, rates, spread
 
 
@@ -31,50 +31,6 @@ def _epoch_case(parts, *, epoch: int, steps: int) -> dict:
     res = train_epoch(loader, step=parts.step, optimizer=parts.optimizer, lr_fn=lambda e: parts.lr, epoch=epoch,
                       steps_per_epoch=max(1, len(loader)), max_steps=steps, log_every=1 << 30)
     return {"images": res.images, "seconds": res.seconds, "threads": torch.get_num_threads()}
-
-
-def baseline_parts(*, folder: Path, student: torch.nn.Module, refinery: torch.nn.Module | None, resolution: int,
-                   batch_size: int, workers: int, lr: float, device: torch.device, modern: bool,
-                   amp_dtype: torch.dtype | None = None):
-    """(iterator of batches, step) the torchvision way; `modern` adds channels_last and autocast to
-    `amp_dtype` (None: no autocast)."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
-    from ..loaders import IMAGENET_MEAN, IMAGENET_STD
-    tf = transforms.Compose([transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    dl = DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=batch_size, shuffle=True,
-                    num_workers=workers, drop_last=True, persistent_workers=workers > 0,
-                    pin_memory=device.type == "cuda")
-    fmt = torch.channels_last if modern else torch.contiguous_format
-    student = student.to(device, memory_format=fmt).train()
-    if refinery is not None:
-        refinery = refinery.to(device, memory_format=fmt).eval()
-    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
-    use_amp = modern and amp_dtype is not None
-
-    def step(x, y):
-        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
-            if refinery is not None:
-                with torch.no_grad():
-                    target = F.softmax(refinery(x).float(), dim=1)
-            logits = student(x)
-            if refinery is not None:
-                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
-            else:
-                loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
-
-    def batches():
-        while True:
-            yield from dl
-    return batches(), step
 
 
 def _baseline_case(it, step, *, steps: int, sync) -> dict:
@@ -114,7 +70,7 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
         folder = Path(baseline_folder) if baseline_folder else _image_folder(Path(recipe.data.path), "train")
         torch.manual_seed(parts.seed)
         # the same refinery network the round loads (random weights where its round has not run), unfolded;
-        # each loop gets its own copy (baseline_parts moves it to its own memory format in place)
+        # each loop gets its own copy (baseline_step moves it to its own memory format in place)
         ref, _ = refinery_module(env, index, untrained_ok=True)
         base = {}
         # the modern loop uses the precision fastrefine chose here: bf16 where the hardware has it (a
@@ -125,9 +81,11 @@ def run_train(*, recipe_path: Path, overrides: list[str], round_name: str | None
         for label, modern, amp_dtype in loops:
             torch.manual_seed(parts.seed)
             s = create_model(parts.model_name, num_classes=env.num_classes, **parts.model_options)
-            it, step = baseline_parts(folder=folder, student=s, refinery=copy.deepcopy(ref), resolution=recipe.loader.resolution,
-                                      batch_size=recipe.loader.batch_size, workers=env.threads.workers, lr=parts.lr,
-                                      device=dev, modern=modern, amp_dtype=amp_dtype)
+            it = baseline_batches(baseline_dataloader(folder=folder, resolution=recipe.loader.resolution,
+                                                      batch_size=recipe.loader.batch_size,
+                                                      workers=env.threads.workers, device=dev))
+            step = baseline_step(student=s, refinery=copy.deepcopy(ref), lr=parts.lr, device=dev, modern=modern,
+                                 amp_dtype=amp_dtype)
             for _ in range(max(1, warmup)):
                 step(*next(it))
             base[label] = {"it": it, "step": step, "loops": []}
