@@ -23,7 +23,7 @@ from .distributed import Dist, init_distributed, shutdown
 from .environment import usable_cores
 from .errors import UsageError
 from .precision import resolve_precision
-from .recipe import Recipe, recipe_to_dict, round_index, round_lr, round_refinery, round_seed, to_toml
+from .recipe import Recipe, global_batch, recipe_to_dict, round_index, round_lr, round_refinery, round_seed, to_toml
 from .round import RoundEnv, ThreadPlan, refinery_source, run_round
 
 log = logging.getLogger("fastrefine")
@@ -127,7 +127,9 @@ def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path) -> None:
 def describe_plan(recipe: Recipe, *, restart: bool = False, only: str | None = None, world_size: int = 1) -> str:
     run_dir = run_dir_of(recipe)
     lines = [f"run folder: {run_dir}", f"data: {recipe.data.path}",
-             f"global batch: {recipe.loader.batch_size} x {world_size} process(es); optim.lr {recipe.optim.lr:g} is for "
+             f"global batch: {recipe.loader.batch_size} x {world_size} process(es)"
+             + (f" x {recipe.optim.accumulate} accumulated" if recipe.optim.accumulate > 1 else "")
+             + f" = {global_batch(recipe, world_size=world_size)}; optim.lr {recipe.optim.lr:g} is for "
              f"{recipe.optim.reference_batch} images ({recipe.optim.lr_scaling} scaling)", "rounds:"]
     for i in _selected(recipe, only):
         rd = recipe.rounds[i]

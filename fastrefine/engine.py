@@ -6,6 +6,7 @@ Metrics stay on the device; the host reads them every `log_every` steps and once
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -20,21 +21,47 @@ from .errors import RunError
 from .optim import set_lr
 
 
-def train_step(images: torch.Tensor, labels: torch.Tensor, *, student: nn.Module, refinery: nn.Module,
-               loss_fn: Callable, jitter: Callable, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, autocast: Callable, clip: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step; returns (detached loss, detached student logits). Nothing here syncs with the host."""
+def forward_backward(images: torch.Tensor, labels: torch.Tensor, *, student: nn.Module, refinery: nn.Module,
+                     loss_fn: Callable, jitter: Callable, scaler: torch.amp.GradScaler, autocast: Callable,
+                     accumulate: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refinery and student on one batch, backward of loss / `accumulate` (gradients add up over the
+    `accumulate` batches of one update); returns (detached loss, detached student logits)."""
     images = jitter(images)                      # identity unless adversarial jittering is on
-    optimizer.zero_grad(set_to_none=True)
     with autocast():
         target = refinery(images)                # refinery softmax on this very batch (None in round 0)
         logits = student(images)
         loss = loss_fn(logits, target, labels)
-    scaler.scale(loss).backward()
+    scaler.scale(loss / accumulate).backward()
+    return loss.detach(), logits.detach()
+
+
+def train_step(images: torch.Tensor, labels: torch.Tensor, *, student: nn.Module, refinery: nn.Module,
+               loss_fn: Callable, jitter: Callable, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, autocast: Callable, clip: Callable,
+               accumulate: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update: the batch's backward (added to the gradients of the `accumulate` - 1 batches before it,
+    see accumulate_step), then clip, step, and the gradients cleared for the next update. Returns (detached
+    loss, detached student logits). Nothing here syncs with the host."""
+    loss, logits = forward_backward(images, labels, student=student, refinery=refinery, loss_fn=loss_fn,
+                                    jitter=jitter, scaler=scaler, autocast=autocast, accumulate=accumulate)
     clip(student)
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach(), logits.detach()
+    optimizer.zero_grad(set_to_none=True)        # after the step: accumulated gradients start from None
+    return loss, logits
+
+
+def accumulate_step(images: torch.Tensor, labels: torch.Tensor, *, student: nn.Module,
+                    **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One of the `accumulate` - 1 batches before an update: backward only. Under DDP it skips the
+    gradient all-reduce (`no_sync`); the update's own batch (train_step) reduces the summed gradients."""
+    with _no_sync(student):
+        return forward_backward(images, labels, student=student, **kwargs)
+
+
+def _no_sync(model: nn.Module):
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's; a plain module has nothing to skip
+    return no_sync() if no_sync is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -49,8 +76,11 @@ class EpochResult:
 def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[[float], float], epoch: int,
                 steps_per_epoch: int, max_steps: int | None = None, log_every: int = 50,
                 on_log: Callable[[dict], None] = lambda rec: None, on_step: Callable[[int], None] = lambda n: None,
-                all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> EpochResult:
-    """Run one epoch of `step`. Loss and hits are summed on the device and read every `log_every` steps;
+                all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, accumulate: int = 1,
+                accumulate_step: Callable | None = None, on_update: Callable[[], None] = lambda: None) -> EpochResult:
+    """Run one epoch of `step`. With `accumulate` = N > 1, N - 1 batches go through `accumulate_step`
+    (backward only) and every Nth through `step` (backward, then the update); the epoch's last batch
+    always updates, so no gradient carries into the next epoch. `on_update` runs after each update. Loss and hits are summed on the device and read every `log_every` steps;
     images are counted on the host (a device tensor built per step would be a blocking host-to-device
     copy on CUDA). An epoch cut short (`max_steps`) closes the loader's epoch iterator."""
     sums = None  # [loss * n, correct] on the device
@@ -62,7 +92,11 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
     try:
         for i, (images, labels) in enumerate(batches):
             set_lr(optimizer, lr_fn(epoch + i / steps_per_epoch))
-            loss, logits = step(images, labels)
+            last = (max_steps and n_steps + 1 >= max_steps) or i + 1 >= steps_per_epoch
+            update = accumulate == 1 or (i + 1) % accumulate == 0 or last
+            loss, logits = (step if update else accumulate_step)(images, labels)
+            if update:
+                on_update()
             n = labels.shape[0]
             batch = torch.stack([loss.float() * n, (logits.argmax(1) == labels).sum().float()])
             sums = batch if sums is None else sums + batch
@@ -165,5 +199,11 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
 
 
 def build_step(**kwargs) -> Callable:
-    """Bind everything but the batch, once per round."""
+    """Bind everything but the batch, once per round: the step that updates the weights."""
     return functools.partial(train_step, **kwargs)
+
+
+def build_accumulate_step(*, optimizer=None, clip=None, **kwargs) -> Callable:
+    """Bind everything but the batch: the backward-only step of the batches before an update (the
+    optimizer and the clipper are accepted so that both steps are built from the same arguments)."""
+    return functools.partial(accumulate_step, **kwargs)

@@ -54,7 +54,13 @@ class RunConfig:
     eval_every: int = _field(1, lo=1, doc="epochs between evaluations (the last epoch is always evaluated)")
     max_steps_per_epoch: int | None = _field(None, lo=1, doc="not set: the whole epoch; set: epochs cut short (smoke tests)")
     max_val_batches: int | None = _field(None, lo=1, doc="not set: the whole val split")
-    progress: bool = _field(True, doc="progress bars")
+    progress: bool = _field(True, doc="progress bars on a terminal; one plain line per epoch (and per log_every "
+                            "steps) when the output is a file or a pipe")
+    tensorboard: bool = _field(False, doc="also write the metrics.jsonl records as TensorBoard event files under "
+                               "the round's folder (needs the tensorboard extra)")
+    ema: float | None = _field(None, lo=0.0, hi=1.0, lo_open=True, doc="not set: off; set: keep an exponential "
+                               "moving average of the student's weights with this decay per update (e.g. 0.999), "
+                               "evaluate it each epoch beside the raw weights, save it (ema.pt)")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,8 @@ class OptimConfig:
     weight_decay: float = _field(5e-5, lo=0.0)
     decay_norm_and_bias: bool = _field(False, doc="false: norm layers and biases get no weight decay")
     grad_clip: float = _field(0.0, lo=0.0, doc="0: off")
+    accumulate: int = _field(1, lo=1, hi=1024, doc="batches per optimizer step (gradient accumulation); the "
+                             "global batch is batch_size x processes x accumulate")
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,8 @@ class RefineryConfig:
                                 "(not Hinton distillation: the student's logits are not divided, no T^2 factor)")
     bn: Literal["eval", "batch"] = _field("eval", doc="eval: running BN stats; batch: batch stats (the official code)")
     fold_bn: bool = _field(True, doc="bn = eval only: fold each BatchNorm into the conv before it (same function, faster)")
-    use: Literal["best", "last"] = _field("last", doc="which checkpoint of a round refines the next")
+    use: Literal["best", "last", "ema"] = _field("last", doc="which checkpoint of a round refines the next; ema: "
+                                                 "its EMA weights (run.ema set)")
     weights: str = _field("DEFAULT", doc='refinery = "torchvision:NAME" only: a torchvision weights name '
                           '(e.g. "IMAGENET1K_V2", "DEFAULT") from the torch hub cache, or a .pth state dict')
     class_map: str = _field("", doc="torchvision refineries: a JSON file mapping this dataset's class names to the "
@@ -436,6 +445,8 @@ def _validate(r: Recipe) -> None:
                     or st[0] >= st[1] or st[2] < 0):
                 raise RecipeError(f"schedule.steps[{j}]: expected [start_epoch, end_epoch, lr] with "
                                   f"start < end and lr >= 0, got {st!r}")
+    if r.refinery.use == "ema" and r.run.ema is None and len(r.rounds) > 1:
+        raise RecipeError('refinery.use: "ema" needs run.ema (the EMA decay, e.g. 0.999); run.ema is not set')
     p = r.loader.progressive
     if p is not None and p.to_epoch < p.from_epoch:
         raise RecipeError(f"loader.progressive.to_epoch: expected >= from_epoch ({p.from_epoch}), got {p.to_epoch}")
@@ -466,12 +477,17 @@ def round_seed(recipe: Recipe, index: int) -> int:
     return recipe.run.seed * 1000 + index
 
 
+def global_batch(recipe: Recipe, *, world_size: int) -> int:
+    """Images per optimizer step: batch_size x processes x optim.accumulate."""
+    return recipe.loader.batch_size * world_size * recipe.optim.accumulate
+
+
 def lr_scale(recipe: Recipe, *, world_size: int) -> float:
     """The factor every learning rate of the recipe is multiplied by: global batch / reference_batch
-    (Goyal et al. 2017) with lr_scaling = "linear", else 1."""
+    (Goyal et al. 2017) with lr_scaling = "linear", else 1. The global batch counts accumulated batches."""
     if recipe.optim.lr_scaling == "none":
         return 1.0
-    return recipe.loader.batch_size * world_size / recipe.optim.reference_batch
+    return global_batch(recipe, world_size=world_size) / recipe.optim.reference_batch
 
 
 def round_lr(recipe: Recipe, index: int, *, world_size: int) -> float:

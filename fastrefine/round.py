@@ -22,11 +22,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .distributed import Dist
-from .engine import build_step, evaluate, train_epoch
+from .engine import build_accumulate_step, build_step, evaluate, train_epoch
 from .errors import RunError, UsageError
 from .optim import make_clipper, make_optimizer
 from .precision import Precision
-from .recipe import (TORCHVISION_PREFIX, Recipe, lr_scale, recipe_to_dict, round_index, round_lr, round_refinery,
+from .recipe import (TORCHVISION_PREFIX, Recipe, global_batch, lr_scale, recipe_to_dict, round_index, round_lr, round_refinery,
                      round_seed, to_toml)
 from .refinery import AdversarialJitter, NoRefinery, Refinery, make_loss, no_jitter
 from .schedule import lr_at, resolution_at
@@ -74,7 +74,8 @@ class RoundParts:
     refined: bool
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    step: Callable
+    step: Callable               # batch -> backward and optimizer update
+    accumulate_step: Callable    # batch -> backward only (the optim.accumulate - 1 batches before an update)
     train_loader: object
     make_val_loader: Callable[..., object]
     backend: str
@@ -265,11 +266,13 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
                                    mean=norm.mean, std=norm.std, autocast=env.precision.autocast)
     loss_fn = make_loss(refined=refined, kind=r.refinery.loss, gt_weight=r.refinery.gt_weight,
                         label_smoothing=rd.label_smoothing)
-    step = build_step(student=model, refinery=refinery, loss_fn=loss_fn, jitter=jitter, optimizer=optimizer,
-                      scaler=scaler, autocast=env.precision.autocast, clip=make_clipper(r.optim.grad_clip, scaler, optimizer))
+    step_args = dict(student=model, refinery=refinery, loss_fn=loss_fn, jitter=jitter, optimizer=optimizer, scaler=scaler,
+                     autocast=env.precision.autocast, clip=make_clipper(r.optim.grad_clip, scaler, optimizer),
+                     accumulate=r.optim.accumulate)
+    step, accumulate_step = build_step(**step_args), build_accumulate_step(**step_args)
     return RoundParts(index=index, name=rd.name, seed=seed, lr=lr, model_name=model_name, model_options=model_opts,
                       student=student, model=model, refinery=refinery, refinery_desc=refinery_desc, refined=refined,
-                      optimizer=optimizer, scaler=scaler, step=step, train_loader=train_loader,
+                      optimizer=optimizer, scaler=scaler, step=step, accumulate_step=accumulate_step, train_loader=train_loader,
                       make_val_loader=make_val_loader, backend=backend, backend_reason=reason)
 
 
@@ -368,7 +371,8 @@ def run_round(env: RoundEnv, index: int) -> dict:
                                  lr_fn=lambda e: lr_at(e, cfg=r.schedule, base_lr=parts.lr, total_epochs=rd.epochs,
                                                        scale=scale),
                                  steps_per_epoch=steps_per_epoch, max_steps=r.run.max_steps_per_epoch,
-                                 log_every=r.run.log_every, on_log=metrics.write, on_step=on_step, all_reduce=reduce)
+                                 log_every=r.run.log_every, on_log=metrics.write, on_step=on_step, all_reduce=reduce,
+                                 accumulate=r.optim.accumulate, accumulate_step=parts.accumulate_step)
             global_step += result.steps
             last_train = result
             record = {"kind": "epoch", "epoch": epoch, "step": global_step, "resolution": res,
@@ -439,7 +443,8 @@ def _write_run_record(env: RoundEnv, parts: RoundParts, rdir: Path, start_epoch:
         "round": parts.name, "index": parts.index, "seed": parts.seed, "model": parts.model_name,
         "model_options": parts.model_options, "refinery": parts.refinery_desc,
         "refinery_bn": r.refinery.bn if parts.refined else None, "lr": parts.lr,
-        "global_batch": r.loader.batch_size * env.dist.world_size,
+        "global_batch": global_batch(r, world_size=env.dist.world_size), "batch_size": r.loader.batch_size,
+        "accumulate": r.optim.accumulate,
         "git": git_revision(), "hardware": hardware(), "backend": parts.backend, "backend_reason": parts.backend_reason,
         "normalization": {"mean": list(loader.normalization.mean), "std": list(loader.normalization.std),
                           "dtype": str(loader.normalization.dtype).replace("torch.", "")},
