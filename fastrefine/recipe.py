@@ -54,13 +54,7 @@ class RunConfig:
     eval_every: int = _field(1, lo=1, doc="epochs between evaluations (the last epoch is always evaluated)")
     max_steps_per_epoch: int | None = _field(None, lo=1, doc="not set: the whole epoch; set: epochs cut short (smoke tests)")
     max_val_batches: int | None = _field(None, lo=1, doc="not set: the whole val split")
-    progress: bool = _field(True, doc="progress bars on a terminal; one plain line per epoch (and per log_every "
-                            "steps) when the output is a file or a pipe")
-    tensorboard: bool = _field(False, doc="also write the metrics.jsonl records as TensorBoard event files under "
-                               "the round's folder (needs the tensorboard extra)")
-    ema: float | None = _field(None, lo=0.0, hi=1.0, lo_open=True, doc="not set: off; set: keep an exponential "
-                               "moving average of the student's weights with this decay per update (e.g. 0.999), "
-                               "evaluate it each epoch beside the raw weights, save it (ema.pt)")
+    progress: bool = _field(True, doc="progress bars")
 
 
 @dataclass(frozen=True)
@@ -142,8 +136,7 @@ class RefineryConfig:
                                 "(not Hinton distillation: the student's logits are not divided, no T^2 factor)")
     bn: Literal["eval", "batch"] = _field("eval", doc="eval: running BN stats; batch: batch stats (the official code)")
     fold_bn: bool = _field(True, doc="bn = eval only: fold each BatchNorm into the conv before it (same function, faster)")
-    use: Literal["best", "last", "ema"] = _field("last", doc="which checkpoint of a round refines the next; ema: "
-                                                 "its EMA weights (run.ema set)")
+    use: Literal["best", "last"] = _field("last", doc="which checkpoint of a round refines the next")
     weights: str = _field("DEFAULT", doc='refinery = "torchvision:NAME" only: a torchvision weights name '
                           '(e.g. "IMAGENET1K_V2", "DEFAULT") from the torch hub cache, or a .pth state dict')
     class_map: str = _field("", doc="torchvision refineries: a JSON file mapping this dataset's class names to the "
@@ -445,8 +438,6 @@ def _validate(r: Recipe) -> None:
                     or st[0] >= st[1] or st[2] < 0):
                 raise RecipeError(f"schedule.steps[{j}]: expected [start_epoch, end_epoch, lr] with "
                                   f"start < end and lr >= 0, got {st!r}")
-    if r.refinery.use == "ema" and r.run.ema is None and len(r.rounds) > 1:
-        raise RecipeError('refinery.use: "ema" needs run.ema (the EMA decay, e.g. 0.999); run.ema is not set')
     p = r.loader.progressive
     if p is not None and p.to_epoch < p.from_epoch:
         raise RecipeError(f"loader.progressive.to_epoch: expected >= from_epoch ({p.from_epoch}), got {p.to_epoch}")
