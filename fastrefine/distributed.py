@@ -54,8 +54,24 @@ def init_distributed(device_choice: str) -> tuple[Dist, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                store=attempt_store(rank=rank, world_size=world))
     return Dist(rank=rank, world_size=world, local_rank=local, local_world_size=local_world), device
+
+
+def attempt_store(*, rank: int, world_size: int):
+    """The rendezvous store of this attempt of the worker group, under a prefix of its own.
+
+    torchrun (its default c10d rendezvous shares the agent's TCPStore with the workers) keeps one store
+    for the whole job: when a worker dies and the group is restarted, the store still holds the keys the
+    dead group wrote (each rank's gloo/nccl address, barrier counters). Workers of the new attempt that
+    joined on the raw store read those stale keys: they connect to the dead workers' ports ("Connection
+    refused") or wait on counters that never add up. TORCHELASTIC_RESTART_COUNT, which torchrun sets per
+    attempt, keys a prefix, so every attempt starts on clean keys."""
+    from torch.distributed.rendezvous import rendezvous
+    store, _, _ = next(rendezvous("env://", rank, world_size))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fastrefine/attempt-{attempt}/", store)
 
 
 def shutdown(d: Dist) -> None:
