@@ -161,6 +161,9 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit."),
         restart: bool = typer.Option(False, "--restart", help="Ignore checkpoints in the run folder and start over."),
         only: Optional[str] = typer.Option(None, "--round", help="Run only this round (its refinery must exist)."),
+        estimate: bool = typer.Option(False, "--estimate", help="Time a few real steps of every round here and print the chain's time; train nothing, write nothing."),
+        throughput: Optional[float] = typer.Option(None, "--throughput", metavar="IMG_PER_S", help="With --estimate: project from this global train images/s instead of timing."),
+        processes: Optional[int] = typer.Option(None, "--processes", min=1, metavar="N", help="With --estimate: processes to assume (default: WORLD_SIZE, else 1)."),
         ):
     """Run a recipe's chain of rounds: train, refine, evaluate; resumes automatically after a stop."""
     import os
@@ -169,6 +172,13 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
     from .recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
+    if estimate or throughput is not None or processes is not None:
+        if not estimate:
+            raise UsageError("--throughput and --processes go with --estimate")
+        from .estimate import estimate_recipe, render
+        for line in render(estimate_recipe(r, only=only, throughput=throughput, processes=processes)):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        return
     if dry_run:
         from .recipe import recipe_to_dict, to_toml
         check_plan(r, selected=_selected(r, only), run_dir=run_dir_of(r))
