@@ -188,6 +188,9 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
     selected = _selected(recipe, only)
     run_dir = run_dir_of(recipe)
     check_plan(recipe, selected=selected, run_dir=run_dir if not restart else run_dir.with_name(".none"))
+    if recipe.run.tensorboard:
+        from .tensorboard import require
+        require()  # a missing tensorboard is a one-line error before any round trains
     dist_info, device = init_distributed(recipe.run.device)
     try:
         env = make_env(recipe, dist_info, device, console=console)

@@ -6,7 +6,8 @@ at worst a stale temporary, which `clean_stale_temporaries` removes once its pro
 
 Checkpoints are read with `weights_only=True` (a checkpoint never runs code). Two layouts:
 - state (`last.pt`): model, optimizer, scaler, epoch, step, best_top1, per-rank RNG states, meta;
-- weights (`best.pt`, and what a later round loads as its refinery): model and meta only.
+- weights (`best.pt`, `ema.pt`, and what a later round loads as its refinery): model and meta only.
+last.pt also holds `ema` (the EMA weights' state dict) when run.ema is on.
 `meta` says how to rebuild the model: model_name, model_options, num_classes, round, epoch, val_top1.
 """
 
@@ -172,10 +173,14 @@ def save_weights(path: Path, *, model: "torch.nn.Module", meta: dict) -> None:
 
 
 def save_state(path: Path, *, model, optimizer, scaler, epoch: int, step: int, best_top1: float, meta: dict,
-               rng: list[dict]) -> None:
-    """The resume layout (last.pt). `rng` holds one RNG state per rank (see gather_rng_states)."""
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "step": step, "best_top1": best_top1, "rng": rng, "meta": meta}, path)
+               rng: list[dict], ema: dict | None = None) -> None:
+    """The resume layout (last.pt). `rng` holds one RNG state per rank (see gather_rng_states); `ema`, when
+    run.ema is on, the state dict of the student's weight average (ema.WeightEma)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": epoch, "step": step, "best_top1": best_top1, "rng": rng, "meta": meta}
+    if ema is not None:
+        state["ema"] = ema
+    save_atomic(state, path)
 
 
 def copy_as_weights(src: Path, dst: Path) -> None:

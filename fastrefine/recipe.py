@@ -27,10 +27,10 @@ class RecipeError(UsageError):
 
 
 def _field(default: Any, *, lo: float | None = None, hi: float | None = None, doc: str = "",
-           lo_open: bool = False) -> Any:
+           lo_open: bool = False, hi_open: bool = False) -> Any:
     """A recipe field: its default, its allowed range and a line of documentation. A default of None
     means "not set: inherit" (TOML has no null, so only a key left out is None)."""
-    meta = {"lo": lo, "hi": hi, "doc": doc, "lo_open": lo_open}
+    meta = {"lo": lo, "hi": hi, "doc": doc, "lo_open": lo_open, "hi_open": hi_open}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,6 +55,11 @@ class RunConfig:
     max_steps_per_epoch: int | None = _field(None, lo=1, doc="not set: the whole epoch; set: epochs cut short (smoke tests)")
     max_val_batches: int | None = _field(None, lo=1, doc="not set: the whole val split")
     progress: bool = _field(True, doc="progress bars")
+    tensorboard: bool = _field(False, doc="also write the metrics.jsonl records as TensorBoard event files under "
+                               "the round's folder (needs the tensorboard extra)")
+    ema: float | None = _field(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="not set: off; set: keep an exponential "
+                               "moving average of the student's weights with this decay per update (e.g. 0.999), "
+                               "evaluate it each epoch beside the raw weights, save it (ema.pt)")
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,8 @@ class RefineryConfig:
                                 "(not Hinton distillation: the student's logits are not divided, no T^2 factor)")
     bn: Literal["eval", "batch"] = _field("eval", doc="eval: running BN stats; batch: batch stats (the official code)")
     fold_bn: bool = _field(True, doc="bn = eval only: fold each BatchNorm into the conv before it (same function, faster)")
-    use: Literal["best", "last"] = _field("last", doc="which checkpoint of a round refines the next")
+    use: Literal["best", "last", "ema"] = _field("last", doc="which checkpoint of a round refines the next; ema: "
+                                                 "its EMA weights (run.ema set)")
     weights: str = _field("DEFAULT", doc='refinery = "torchvision:NAME" only: a torchvision weights name '
                           '(e.g. "IMAGENET1K_V2", "DEFAULT") from the torch hub cache, or a .pth state dict')
     class_map: str = _field("", doc="torchvision refineries: a JSON file mapping this dataset's class names to the "
@@ -200,8 +206,8 @@ def _check_range(value: float, meta: dict, where: str) -> None:
         raise RecipeError(f"{where}: expected a finite number, got {value}")
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
         raise RecipeError(f"{where}: expected a value {'>' if meta.get('lo_open') else '>='} {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise RecipeError(f"{where}: expected a value <= {hi}, got {value}")
+    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
+        raise RecipeError(f"{where}: expected a value {'<' if meta.get('hi_open') else '<='} {hi}, got {value}")
 
 
 def _convert(tp: Any, value: Any, where: str, meta: dict) -> Any:
@@ -438,6 +444,8 @@ def _validate(r: Recipe) -> None:
                     or st[0] >= st[1] or st[2] < 0):
                 raise RecipeError(f"schedule.steps[{j}]: expected [start_epoch, end_epoch, lr] with "
                                   f"start < end and lr >= 0, got {st!r}")
+    if r.refinery.use == "ema" and r.run.ema is None and len(r.rounds) > 1:
+        raise RecipeError('refinery.use: "ema" needs run.ema (the EMA decay, e.g. 0.999); run.ema is not set')
     p = r.loader.progressive
     if p is not None and p.to_epoch < p.from_epoch:
         raise RecipeError(f"loader.progressive.to_epoch: expected >= from_epoch ({p.from_epoch}), got {p.to_epoch}")

@@ -37,33 +37,41 @@ def plot_curves(metrics_path: Path, png: Path, *, title: str) -> Path | None:
 SUMMARY_COLUMNS = [("round", "round"), ("model", "model"), ("refinery", "refinery"), ("epochs", "ep"),
                    ("refinery_val_top1", "ref val"), ("train_top1", "train"),
                    ("val_top1", "val"), ("val_top5", "val top-5"), ("best_val_top1", "best val"),
+                   ("ema_val_top1", "EMA val"),
                    ("gap", "gap"), ("minutes", "min")]
 
 
 def _cell(key: str, value) -> str:
     if value is None:
         return "-"
-    if key in ("refinery_val_top1", "train_top1", "val_top1", "val_top5", "best_val_top1", "gap"):
+    if key in ("refinery_val_top1", "train_top1", "val_top1", "val_top5", "best_val_top1", "ema_val_top1", "gap"):
         return f"{100 * value:.2f}"
     if key == "minutes":
         return f"{value:.1f}"
     return str(value)
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """SUMMARY_COLUMNS, less the EMA's when no round kept one (run.ema off)."""
+    has_ema = any(r.get("ema_val_top1") is not None for r in rows)
+    return [(k, h) for k, h in SUMMARY_COLUMNS if k != "ema_val_top1" or has_ema]
+
+
 def summary_markdown(rows: list[dict], *, title: str) -> str:
-    head = "| " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " |"
-    sep = "|" + "---|" * len(SUMMARY_COLUMNS)
+    columns = _columns(rows)
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "---|" * len(columns)
     lines = [f"# {title}", "", "Accuracies in %: the refinery's, and the student's train (on the augmented "
              "training crops, against the dataset's labels: the paper's train/test gap) and val top-1/top-5.",
              "", head, sep]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in SUMMARY_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
 # the screen table leaves out what fits only in summary.md (top-5, best) so that it reads in 80 columns
-SCREEN_COLUMNS = ("round", "model", "refinery", "epochs", "refinery_val_top1", "train_top1", "val_top1", "gap",
-                  "minutes")
+SCREEN_COLUMNS = ("round", "model", "refinery", "epochs", "refinery_val_top1", "train_top1", "val_top1",
+                  "ema_val_top1", "gap", "minutes")
 
 
 def summary_table(rows: list[dict], *, title: str):
@@ -71,7 +79,7 @@ def summary_table(rows: list[dict], *, title: str):
     from rich.table import Table
     t = Table(title=title, caption="accuracies in %; train: on augmented crops vs the labels",
               box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    columns = [(k, h) for k, h in SUMMARY_COLUMNS if k in SCREEN_COLUMNS]
+    columns = [(k, h) for k, h in _columns(rows) if k in SCREEN_COLUMNS]
     # the refinery's architecture is in summary.md; on screen its round or checkpoint is enough
     cells = [[_cell(k, r.get(k)) if k != "refinery" else str(r.get(k, "-")).split(" (")[0]
               for k, _ in columns] for r in rows]

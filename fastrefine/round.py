@@ -3,7 +3,8 @@
 `build_round` is the one way a round is put together: `fastrefine run`, `fastrefine bench step/train`
 and the tools all call it, so what a benchmark times is what a run trains (DESIGN.md convention 13).
 
-runs/<run.name>/<round>/  recipe.toml, run.json, metrics.jsonl, last.pt, best.pt, curves.png, done.json
+runs/<run.name>/<round>/  recipe.toml, run.json, metrics.jsonl, last.pt, best.pt, curves.png, done.json,
+                          and with run.ema ema.pt, with run.tensorboard tensorboard/
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .distributed import Dist
 from .engine import build_accumulate_step, build_step, evaluate, train_epoch
+from .ema import WeightEma
 from .errors import RunError, UsageError
 from .optim import make_clipper, make_optimizer
 from .precision import Precision
@@ -80,6 +82,7 @@ class RoundParts:
     make_val_loader: Callable[..., object]
     backend: str
     backend_reason: str
+    ema: WeightEma | None = None   # run.ema: the average of the student's weights
     _val: object = None
 
     @property
@@ -203,7 +206,8 @@ def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False) ->
             raise RunError(f"refinery round {src.spec!r} has no {src.path.name} yet ({src.path}); run that round first")
         raise UsageError(f"rounds[{index}].refinery: checkpoint {src.spec!r} not found")
     model, meta = load_model_from_checkpoint(src.path, device=env.device, num_classes=env.num_classes)
-    return model, f"{src.spec} ({meta['model_name']})"
+    ema = ", EMA weights" if meta.get("weights") == "ema" else ""
+    return model, f"{src.spec} ({meta['model_name']}{ema})"
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -237,6 +241,7 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     optimizer = make_optimizer(student, lr=lr, momentum=r.optim.momentum, nesterov=r.optim.nesterov,
                                weight_decay=r.optim.weight_decay, decay_norm_and_bias=r.optim.decay_norm_and_bias)
     scaler = env.precision.scaler()
+    ema = WeightEma(student, decay=r.run.ema) if r.run.ema is not None else None
 
     loader_args = dict(device=env.device, dtype=env.precision.input_dtype, seed=seed, workers=env.threads.workers,
                        rank=env.dist.rank, world_size=env.dist.world_size, backend=env.backend)
@@ -273,7 +278,7 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     return RoundParts(index=index, name=rd.name, seed=seed, lr=lr, model_name=model_name, model_options=model_opts,
                       student=student, model=model, refinery=refinery, refinery_desc=refinery_desc, refined=refined,
                       optimizer=optimizer, scaler=scaler, step=step, accumulate_step=accumulate_step, train_loader=train_loader,
-                      make_val_loader=make_val_loader, backend=backend, backend_reason=reason)
+                      make_val_loader=make_val_loader, backend=backend, backend_reason=reason, ema=ema)
 
 
 def _default_normalization(env: RoundEnv):
@@ -304,6 +309,13 @@ def restore(parts: RoundParts, env: RoundEnv, state: dict) -> tuple[int, float, 
     parts.student.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None:
+        if "ema" in state:
+            parts.ema.load_state_dict(state["ema"])
+        else:  # run.ema turned on for a round that started without it
+            log.warning("round %s: last.pt holds no EMA weights; the average starts from the resumed weights",
+                        parts.name)
+            parts.ema.load_state_dict(parts.student.state_dict())
     rng = ckpt.rank_rng_state(state.get("rng"), env.dist.rank)
     if rng is not None:
         ckpt.set_rng_state(rng)
@@ -342,18 +354,20 @@ def run_round(env: RoundEnv, index: int) -> dict:
         log.info("round %s: resuming after epoch %d", rd.name, start_epoch)
     del state
     from .runlog import MetricsLog, truncate_to_epoch
+    steps_per_epoch = min(max(1, len(parts.train_loader)), r.run.max_steps_per_epoch or 1 << 62)
     metrics = MetricsLog(rdir / "metrics.jsonl", enabled=main, round=rd.name)
     if main:
         truncate_to_epoch(rdir / "metrics.jsonl", epochs_done=start_epoch)
         _write_run_record(env, parts, rdir, start_epoch)
+        if r.run.tensorboard:
+            metrics.mirrors.append(_tensorboard(rdir, steps_per_epoch=steps_per_epoch, resumed_step=global_step))
     reduce = env.dist.all_reduce_sum()
     ac, max_val = env.precision.autocast, r.run.max_val_batches
     refinery_val = _evaluate_refinery(env, parts, metrics, reduce) if parts.refined and start_epoch == 0 else None
-    steps_per_epoch = min(max(1, len(parts.train_loader)), r.run.max_steps_per_epoch or 1 << 62)
     scale = lr_scale(r, world_size=env.dist.world_size)  # a step schedule's lrs scale like optim.lr
-    started, last_eval, last_train, seen_threads = time.perf_counter(), None, None, []
+    started, last_eval, last_train, seen_threads, last_ema = time.perf_counter(), None, None, [], None
     from .progress import progress_bar
-    with progress_bar(disable=not (main and r.run.progress), console=env.console) as bar:
+    with progress_bar(disable=not (main and r.run.progress), console=env.console) as bar, metrics:
         for epoch in range(start_epoch, rd.epochs):
             res = train_resolution(r, epoch)
             parts.train_loader.set_epoch(epoch)
@@ -372,7 +386,8 @@ def run_round(env: RoundEnv, index: int) -> dict:
                                                        scale=scale),
                                  steps_per_epoch=steps_per_epoch, max_steps=r.run.max_steps_per_epoch,
                                  log_every=r.run.log_every, on_log=metrics.write, on_step=on_step, all_reduce=reduce,
-                                 accumulate=r.optim.accumulate, accumulate_step=parts.accumulate_step)
+                                 accumulate=r.optim.accumulate, accumulate_step=parts.accumulate_step,
+                                 on_update=parts.ema.update if parts.ema is not None else lambda: None)
             global_step += result.steps
             last_train = result
             record = {"kind": "epoch", "epoch": epoch, "step": global_step, "resolution": res,
@@ -383,21 +398,44 @@ def run_round(env: RoundEnv, index: int) -> dict:
                 last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
                 record.update(val_loss=last_eval["loss"], val_top1=last_eval["top1"], val_top5=last_eval["top5"],
                               val_images=last_eval["images"])
+                if parts.ema is not None:
+                    last_ema = evaluate(parts.ema.module, parts.val_loader, autocast=ac, max_batches=max_val,
+                                        all_reduce=reduce)
+                    record.update(ema_val_loss=last_ema["loss"], ema_val_top1=last_ema["top1"],
+                                  ema_val_top5=last_ema["top5"])
             metrics.write(record)
             improved = "val_top1" in record and record["val_top1"] > best
             best = max(best, record.get("val_top1", best))
             _save(env, parts, rdir, epoch=epoch + 1, step=global_step, best=best, improved=improved,
                   val_top1=record.get("val_top1"))
             bar.update(task, info=f"loss {result.loss:.3f} train {100 * result.top1:.0f}%"
-                       + (f" val {100 * record['val_top1']:.1f}%" if "val_top1" in record else ""))
+                       + (f" val {100 * record['val_top1']:.1f}%" if "val_top1" in record else "")
+                       + (f" ema {100 * record['ema_val_top1']:.1f}%" if "ema_val_top1" in record else ""))
     if last_eval is None:  # resumed after the final epoch: evaluate the finished weights for the summary
         last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
+        if parts.ema is not None:
+            last_ema = evaluate(parts.ema.module, parts.val_loader, autocast=ac, max_batches=max_val,
+                                all_reduce=reduce)
     summary = _summary(env, parts, rd, refinery_val, last_train, last_eval, best, started)
+    summary["ema_val_top1"] = last_ema["top1"] if last_ema is not None else None
     if main:
         _finish(env, parts, rdir, summary)
     env.dist.barrier()
     parts.close()
     return summary
+
+
+def _tensorboard(rdir: Path, *, steps_per_epoch: int, resumed_step: int):
+    """The TensorBoard mirror of metrics.jsonl (rank 0). On resume, events past the checkpoint's last
+    epoch are dropped and the refinery's figure is taken from the log (it is not evaluated again)."""
+    from .runlog import read_metrics
+    from .tensorboard import TensorBoardMirror
+    mirror = TensorBoardMirror(rdir / "tensorboard", steps_per_epoch=steps_per_epoch,
+                               purge_step=resumed_step + 1 if resumed_step else None)
+    logged = [m for m in read_metrics(rdir / "metrics.jsonl") if m.get("kind") == "refinery"]
+    if logged:
+        mirror.refinery_top1 = logged[-1]["val_top1"]
+    return mirror
 
 
 def _evaluate_refinery(env: RoundEnv, parts: RoundParts, metrics, reduce) -> dict:
@@ -428,8 +466,11 @@ def _save(env: RoundEnv, parts: RoundParts, rdir: Path, *, epoch: int, step: int
         meta = _meta(parts, env, epoch=epoch, val_top1=val_top1)
         if improved:
             ckpt.save_weights(rdir / "best.pt", model=parts.student, meta=meta)
+        ema = parts.ema.state_dict() if parts.ema is not None else None
+        if ema is not None:
+            ckpt.save_weights(rdir / "ema.pt", model=parts.ema.module, meta={**meta, "weights": "ema", "val_top1": None})
         ckpt.save_state(rdir / "last.pt", model=parts.student, optimizer=parts.optimizer, scaler=parts.scaler,
-                        epoch=epoch, step=step, best_top1=best, meta=meta, rng=rng)
+                        epoch=epoch, step=step, best_top1=best, meta=meta, rng=rng, ema=ema)
     env.dist.barrier()
 
 

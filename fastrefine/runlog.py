@@ -18,16 +18,31 @@ log = logging.getLogger("fastrefine")
 class MetricsLog:
     """Append-only JSON lines; a no-op on ranks other than 0."""
 
-    def __init__(self, path: Path, *, enabled: bool = True, **common):
+    def __init__(self, path: Path, *, enabled: bool = True, mirrors: list = (), **common):
         self.path, self.enabled, self.common = Path(path), enabled, common
+        self.mirrors = list(mirrors)  # callables given each record as written (tensorboard.TensorBoardMirror)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({**self.common, **record, "time": round(time.time(), 3)}) + "\n"
+        full = {**self.common, **record, "time": round(time.time(), 3)}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
+            f.write(json.dumps(full) + "\n")
+        for mirror in self.mirrors:
+            mirror(full)
+
+    def close(self) -> None:
+        for mirror in self.mirrors:
+            close = getattr(mirror, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _parse(path: Path) -> list[tuple[dict | None, str]]:
