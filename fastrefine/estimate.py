@@ -204,6 +204,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
              else f"{cpu_model()}, {usable_cores()} usable cores")
     assumed = {
         "processes": procs, "global_batch": lc.batch_size * procs, "batch_per_process": lc.batch_size,
+        "accumulate": getattr(recipe.optim, "accumulate", 1),
         "train_images": n_train, "val_images": n_val,
         "images_per_epoch": steps_per_epoch * lc.batch_size * procs,
         "steps_per_epoch": steps_per_epoch,
@@ -237,8 +238,9 @@ def render(est: dict) -> list[str]:
     else:
         head = f"estimate for {est['recipe']}: projected from {a['throughput_img_s']:g} images/s (global), nothing timed"
     lines = [head,
-             f"assumed: {a['processes']} process(es), global batch {a['global_batch']} ({a['batch_per_process']} per "
-             f"process); {a['train_images']:,} train images, {a['images_per_epoch']:,} per epoch = "
+             f"assumed: {a['processes']} process(es), {a['global_batch']} images a step ({a['batch_per_process']} per "
+             f"process" + (f"; the optimizer steps every {a['accumulate']} of them" if a["accumulate"] > 1 else "")
+             + f"); {a['train_images']:,} train images, {a['images_per_epoch']:,} per epoch = "
              f"{a['steps_per_epoch']} steps ({a['steps_per_epoch_why']}); val {a['val_images']:,} images, "
              f"{a['val_batches_per_pass']} batches of {a['val_batch']} at {a['val_resolution']} px per pass"]
     if a["processes"] > 1 and a["mode"] == "timed":

@@ -127,6 +127,7 @@ def test_darknet19_recipe_smoke(tmp_path, demo_tree):
     r = load_recipe(ROOT / "recipes/darknet19.toml", [
         f"data.path={demo_tree}", f"run.out={tmp_path}/runs", "run.compile=false", "run.progress=false",
         "loader.backend=torch", "loader.resolution=32", "loader.val_resolution=32", "loader.batch_size=8",
+        "loader.progressive.start=32", "loader.progressive.end=32",
         "loader.workers=0", "run.max_steps_per_epoch=2", "run.max_val_batches=1",
         "rounds[0].epochs=1", "rounds[1].epochs=1"])
     rows = run_recipe(r)

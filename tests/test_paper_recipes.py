@@ -25,7 +25,8 @@ from fastrefine.chain import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["alexnet", "alexnet_resnet50", "mobilenet", "mobilenet_025", "vgg19", "resnet50"]
-ALL = PAPER + [f"{n}_fast" for n in PAPER]
+DARKNET = ["darknet19", "darknet19_paper"]   # the rapid chain (the mission's command) and the paper's regime
+ALL = PAPER + [f"{n}_fast" for n in PAPER] + DARKNET
 # rounds run in the smoke test: the first two of a chain; vgg19 (140 M parameters, 1.7 GB of
 # checkpoints a round) only its refined round
 SMOKE_ROUNDS = {"alexnet": 2, "alexnet_fast": 2}
@@ -67,9 +68,26 @@ def test_recipe_resolves_with_dry_run(name, standin_checkpoint):
 
 def test_headers_state_the_papers_figures():
     figures = {"alexnet": "59.3", "alexnet_resnet50": "67.2", "mobilenet": "73.39", "mobilenet_025": "55.59",
-               "vgg19": "75.46", "resnet50": "76.5"}
+               "vgg19": "75.46", "resnet50": "76.5", "darknet19_paper": "74.47"}
     for name, fig in figures.items():
         assert fig in _path(name).read_text(), name
+
+
+def test_darknet19_is_the_rapid_chain_its_header_describes():
+    text = _path("darknet19").read_text()
+    assert "ACCURACY NOT MEASURED" in text and "--estimate" in text and "rn50_32_epochs.yaml" in text
+    assert "darknet19_paper.toml" in text
+    r = load_recipe(_path("darknet19"))
+    assert [rd.epochs for rd in r.rounds] == [32, 32] and r.rounds[1].refinery == "previous"
+    p = r.loader.progressive
+    assert (p.start, p.end, p.from_epoch, p.to_epoch) == (160, 192, 23, 27) and r.loader.val_resolution == 256
+    assert r.loader.batch_size * 8 == 1024 and r.optim.lr_scaling == "linear"
+    from fastrefine.recipe import round_lr
+    assert round_lr(r, 0, world_size=8) == pytest.approx(0.4)     # 0.1 per 256, at a global batch of 1,024
+    assert r.schedule.kind == "triangular" and r.schedule.peak_epoch == 2   # linear ramp, warm-up included
+    assert [rd.label_smoothing for rd in r.rounds] == [0.1, 0.0]            # label smoothing on labels only
+    paper = load_recipe(_path("darknet19_paper"))
+    assert [rd.epochs for rd in paper.rounds] == [90, 90] and paper.schedule.kind == "step"
 
 
 def _overrides(recipe_name: str, demo: Path, out: Path, refinery: Path | None) -> list[str]:
