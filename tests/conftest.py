@@ -1,4 +1,5 @@
-"""Shared fixtures: real Fashion-MNIST images exported as a small ImageNet-style JPEG tree."""
+"""Shared fixtures: real Fashion-MNIST images exported as a small ImageNet-style JPEG tree (CPU tests), and a
+generated tree (`synthetic_tree`) for the gpu-marked tests, which run on a bare GPU host without the data set."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none here); runs in tools/gpu_check.sh")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        # the marker, not `"gpu" in item.keywords`: keywords also hold the names of parent folders
+        if item.get_closest_marker("gpu") is not None and not HAS_CUDA:
             item.add_marker(skip_gpu)
 
 
@@ -57,6 +59,23 @@ def demo_tree(tmp_path_factory) -> Path:
             for f in sorted(cls.iterdir())[20:]:
                 f.unlink()
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory) -> Path:
+    """A generated ImageFolder tree a small net learns (fastrefine/synthetic.py): 10 classes x 40 train /
+    10 val JPEGs of mixed sizes (48x40, 40x48, 32x32). Needs no data set: the gpu-marked tests use it."""
+    from fastrefine.synthetic import write_synthetic_tree
+    root = tmp_path_factory.mktemp("synthetic") / "tree"
+    write_synthetic_tree(root, classes=10, train_per_class=40, val_per_class=10)
+    return root
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The CUDA peak of the session, where it used CUDA (tools/gpu_check.sh reads it per part)."""
+    if HAS_CUDA and torch.cuda.is_initialized():
+        mib = torch.cuda.max_memory_allocated() / 2**20
+        terminalreporter.write_line(f"CUDA max_memory_allocated in this session: {mib:,.0f} MiB")
 
 
 @pytest.fixture(autouse=True)

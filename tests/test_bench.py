@@ -121,7 +121,11 @@ def test_loader_reports_working_and_failing_backends(demo_tree, tmp_path):
     by = {r["backend"]: r for r in rec["results"]}
     assert set(by) == {"torch", "ffcv", "torchvision-baseline"}
     torch_r = by["torch"]
-    assert torch_r["ok"] and torch_r["dtype"] == "float32" and torch_r["normalize_on"] == "device"
+    # device auto: the loop's input dtype there (fp32 on the CPU, the AMP dtype on a GPU host)
+    from fastrefine.bench.protocol import pick_device
+    from fastrefine.precision import resolve_precision
+    expected = str(resolve_precision("auto", pick_device("auto")).input_dtype).replace("torch.", "")
+    assert torch_r["ok"] and torch_r["dtype"] == expected and torch_r["normalize_on"] == "device"
     assert torch_r["batch_shape"] == [16, 3, 32, 32] and torch_r["channels_last"]
     _check_rate(torch_r["images_per_s"])
     # the demo tree was never converted: FFCV has no .beton to read, and says so instead of crashing
@@ -153,8 +157,9 @@ def test_step_writes_json_with_bound_and_ratio(tmp_path):
         assert r["peak_memory_mib"] > 0 and r["first_call_s"] > 0
     assert refined["bound"] == pytest.approx(4 / 3)
     assert refined["measured_ratio"] == pytest.approx(refined["step_s"]["median"] / alone["step_s"]["median"])
+    from fastrefine.bench.protocol import pick_device
     from fastrefine.precision import resolve_precision
-    assert rec["settings"]["precision"] == resolve_precision("auto", torch.device("cpu")).name
+    assert rec["settings"]["precision"] == resolve_precision("auto", pick_device("auto")).name  # device auto
     assert "synthetic" in rec["notes"][0]
 
 

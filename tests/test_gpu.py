@@ -1,4 +1,6 @@
-"""The trainer on CUDA (marked gpu: skipped without a GPU; tools/gpu_check.sh runs them on a GPU host)."""
+"""The trainer on CUDA (marked gpu: skipped without a GPU; tools/gpu_check.sh runs them on a GPU host).
+
+Data: the generated `synthetic_tree` (a bare GPU host has no Fashion-MNIST)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ def _recipe(tmp_path: Path, data: Path, name: str, run: dict | None = None) -> P
     return write_recipe(tmp_path, data, name=name, rounds=rounds, device="cuda", seed=2, workers=2, run=run)
 
 
-def test_refined_chain_on_cuda_without_host_sync_in_the_epoch(tmp_path, demo_tree, monkeypatch):
+def test_refined_chain_on_cuda_without_host_sync_in_the_epoch(tmp_path, synthetic_tree, monkeypatch):
     """Both rounds on CUDA; train_epoch and evaluate run under sync debug mode "error"."""
     import fastrefine.engine as engine
     from fastrefine.chain import run_recipe
@@ -41,7 +43,7 @@ def test_refined_chain_on_cuda_without_host_sync_in_the_epoch(tmp_path, demo_tre
     import fastrefine.round as round_mod
     monkeypatch.setattr(round_mod, "train_epoch", strict(real_epoch))
     monkeypatch.setattr(round_mod, "evaluate", strict(real_eval))
-    rows = run_recipe(load_recipe(_recipe(tmp_path, demo_tree, "cuda", {"log_every": 1000})))
+    rows = run_recipe(load_recipe(_recipe(tmp_path, synthetic_tree, "cuda", {"log_every": 1000})))
     assert [r["round"] for r in rows] == ["r0", "r1"] and rows[1]["val_top1"] > 0.15
 
 
@@ -56,11 +58,11 @@ def _unstrict(fn):
     return call
 
 
-def test_resume_on_cuda_after_a_kill(tmp_path, demo_tree, monkeypatch):
+def test_resume_on_cuda_after_a_kill(tmp_path, synthetic_tree, monkeypatch):
     from fastrefine.chain import run_recipe
     from fastrefine.recipe import load_recipe
 
-    p = _recipe(tmp_path, demo_tree, "resume")
+    p = _recipe(tmp_path, synthetic_tree, "resume")
     with monkeypatch.context() as m:
         die_after(m, 16)  # 12 steps an epoch: dies in the middle of epoch 2
         with pytest.raises(Killed):

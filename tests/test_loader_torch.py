@@ -54,6 +54,15 @@ def dataset(demo_tree, tmp_path_factory):
     return root / "conv", moved
 
 
+@pytest.fixture(scope="module")
+def synthetic_dataset(synthetic_tree, tmp_path_factory) -> Path:
+    """The generated tree (mixed image sizes, no data set needed: the gpu-marked tests use it), converted
+    the same way."""
+    root = tmp_path_factory.mktemp("torchloader-synthetic")
+    convert(small_tree(synthetic_tree, root / "src"), root / "conv")
+    return root / "conv"
+
+
 def loader(data, **kw):
     decode = kw.pop("decode", "host")
     opts = dict(split="val", batch_size=16, resolution=24, device=CPU, workers=0, seed=3)
@@ -217,9 +226,9 @@ def test_torch_options_are_the_constructor_options(dataset):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_gpu_decode_on_cuda_matches_the_cpu_device_path(dataset, split):
+def test_gpu_decode_on_cuda_matches_the_cpu_device_path(synthetic_dataset, split):
     """nvJPEG vs libjpeg-turbo may round differently; the crop/resize code is the same."""
-    conv, _ = dataset
+    conv = synthetic_dataset
     cuda = torch.device("cuda")
     ld = loader(conv, split=split, device=cuda, dtype=torch.bfloat16, decode="auto", seed=5)
     assert ld.decode == "device"

@@ -256,7 +256,15 @@ def test_ffcv_batch_is_valid_until_the_next_one_and_copy_keeps_them_all(data):
 
 # -- GPU (tools/gpu_check.sh) ------------------------------------------------------------------
 
+def _missing(*backends: str) -> str | None:
+    """Why a test of these backends cannot run here (a library not installed), or None."""
+    from fastrefine.loaders import backend_available
+    missing = [why for why in (backend_available(b)[1] for b in backends) if why]
+    return "needs DALI and FFCV (the fixtures read every backend): " + "; ".join(missing) if missing else None
+
+
 @pytest.mark.gpu
+@pytest.mark.skipif(_missing("dali", "ffcv") is not None, reason=str(_missing("dali", "ffcv")))
 @pytest.mark.parametrize("backend", ("dali", "ffcv"))
 def test_gpu_val_epoch_matches_cpu(data, val_epochs, backend):
     ld = loader(data, backend, device=torch.device("cuda"), dtype=torch.float16)
@@ -274,6 +282,7 @@ def test_gpu_val_epoch_matches_cpu(data, val_epochs, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(_missing("dali", "ffcv") is not None, reason=str(_missing("dali", "ffcv")))
 def test_gpu_dali_train_mixed_decode(data):
     ld = loader(data, "dali", split="train", batch_size=16, device=torch.device("cuda"), dtype=torch.bfloat16)
     x, y = next(iter(ld))
