@@ -210,10 +210,11 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
                 continue
             rows.append(run_round(env, i))
         if dist_info.is_main:
-            from .report import summary_markdown, summary_table
+            from .report import summary_markdown, summary_table, write_chain
             all_rows = [m for m in (ckpt.read_json_marker(run_dir / r.name / "done.json") for r in recipe.rounds)
                         if m is not None]
             ckpt.write_text(run_dir / "summary.md", summary_markdown(all_rows, title=recipe.run.name))
+            write_chain(recipe, run_dir)
             console.print(summary_table(all_rows, title=f"{recipe.run.name}: {run_dir}"))
         return rows
     finally:
