@@ -21,14 +21,29 @@ from .errors import RunError
 from .optim import set_lr
 
 
+def _same(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def split_views(images) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """(the student's crops, what the refinery sees given the crops after jittering): the crops themselves,
+    or, for a `Views` batch (refinery.view = "image"), the whole uncropped images."""
+    if isinstance(images, tuple):
+        crop, whole = images
+        return crop, lambda _crops: whole
+    return images, _same
+
+
 def forward_backward(images: torch.Tensor, labels: torch.Tensor, *, student: nn.Module, refinery: nn.Module,
                      loss_fn: Callable, jitter: Callable, scaler: torch.amp.GradScaler, autocast: Callable,
                      accumulate: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Refinery and student on one batch, backward of loss / `accumulate` (gradients add up over the
-    `accumulate` batches of one update); returns (detached loss, detached student logits)."""
+    `accumulate` batches of one update); returns (detached loss, detached student logits). `images` is the
+    batch of crops, or `Views(crop, image)` when the refinery sees the whole image (refinery.view)."""
+    images, refinery_view = split_views(images)  # refinery_view: the crops as they are, or the whole images
     images = jitter(images)                      # identity unless adversarial jittering is on
     with autocast():
-        target = refinery(images)                # refinery softmax on this very batch (None in round 0)
+        target = refinery(refinery_view(images))  # refinery softmax on this very batch (None in round 0)
         logits = student(images)
         loss = loss_fn(logits, target, labels)
     scaler.scale(loss / accumulate).backward()

@@ -149,6 +149,9 @@ class RefineryConfig:
                             "refinery's class indices (needed when the classes are not ImageNet's 1,000 wnids)")
     resolution: int | None = _field(None, lo=8, hi=4096, doc="the refinery sees the same crop resized to this on the "
                                     "device; not set: the crop as it is")
+    view: Literal["crop", "image"] = _field("crop", doc='crop: the refinery labels the very crop the student sees '
+                                            '(the paper); image: the whole uncropped image, resized to the crop\'s '
+                                            'size (torch loader only)')
     adversarial: AdversarialConfig = _field(AdversarialConfig())
 
 
@@ -446,6 +449,12 @@ def _validate(r: Recipe) -> None:
                                   f"start < end and lr >= 0, got {st!r}")
     if r.refinery.use == "ema" and r.run.ema is None and len(r.rounds) > 1:
         raise RecipeError('refinery.use: "ema" needs run.ema (the EMA decay, e.g. 0.999); run.ema is not set')
+    if r.refinery.view == "image" and r.refinery.adversarial.fraction > 0:
+        raise RecipeError("refinery.view: 'image' does not combine with refinery.adversarial (the jittered crop "
+                          "has no whole image); set refinery.adversarial.fraction = 0")
+    if r.refinery.view == "image" and r.loader.backend in ("dali", "ffcv"):
+        raise RecipeError(f"refinery.view: 'image' needs loader.backend = 'torch' (the {r.loader.backend} loader "
+                          f"does not hand out the whole image)")
     p = r.loader.progressive
     if p is not None and p.to_epoch < p.from_epoch:
         raise RecipeError(f"loader.progressive.to_epoch: expected >= from_epoch ({p.from_epoch}), got {p.to_epoch}")

@@ -122,17 +122,23 @@ def val_resolution(recipe: Recipe) -> int:
 
 def make_loader(recipe: Recipe, *, split: str, device: torch.device, dtype: torch.dtype, seed: int,
                 resolution: int, workers: int, rank: int = 0, world_size: int = 1, shuffle: bool | None = None,
-                backend: str | None = None):
+                backend: str | None = None, refinery_view: str = "crop"):
     """One loader as the recipe describes it (its backend options included); `backend`, when given, is
-    the recipe's loader.backend already resolved."""
+    the recipe's loader.backend already resolved. refinery_view = "image" (train, refined rounds): the
+    loader also hands out each whole image (`Views`)."""
     from .loaders import build
     from .loaders.options import as_kwargs
     lc = recipe.loader
+    backend = backend or lc.backend
+    if refinery_view != "crop" and backend != "torch":
+        raise UsageError(f"refinery.view = {refinery_view!r} needs the torch loader; loader.backend resolved to "
+                         f"{backend!r} (set loader.backend = 'torch')")
+    view = {} if refinery_view == "crop" else {"refinery_view": refinery_view}
     batch = lc.batch_size if split == "train" else (lc.val_batch_size or lc.batch_size)
-    return build(data=recipe.data.path, backend=backend or lc.backend, split=split, batch_size=batch, resolution=resolution,
+    return build(data=recipe.data.path, backend=backend, split=split, batch_size=batch, resolution=resolution,
                  device=device, dtype=dtype, rank=rank, world_size=world_size, seed=seed, workers=workers,
                  scale=lc.scale, ratio=lc.ratio, val_crop_ratio=lc.val_crop_ratio, flip=lc.flip,
-                 channels_last=recipe.run.channels_last, shuffle=shuffle,
+                 channels_last=recipe.run.channels_last, shuffle=shuffle, **view,
                  backend_options={"ffcv": as_kwargs(lc.ffcv), "dali": as_kwargs(lc.dali), "torch": as_kwargs(lc.torch)})
 
 
@@ -246,7 +252,8 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     loader_args = dict(device=env.device, dtype=env.precision.input_dtype, seed=seed, workers=env.threads.workers,
                        rank=env.dist.rank, world_size=env.dist.world_size, backend=env.backend)
     if loaders:
-        train_loader = make_loader(r, split="train", resolution=train_resolution(r, start_epoch), **loader_args)
+        train_loader = make_loader(r, split="train", resolution=train_resolution(r, start_epoch),
+                                   refinery_view=r.refinery.view if refined else "crop", **loader_args)
         backend, reason = env.backend, env.backend_reason
     else:
         train_loader, backend, reason = None, "none", "no loader (synthetic input)"

@@ -8,7 +8,7 @@ int64 on the same device. It never asks which backend produced them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +29,14 @@ class Normalization:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     dtype: torch.dtype
+
+
+class Views(NamedTuple):
+    """A train batch with `refinery_view = "image"`: the student's crops and, for the refinery, the
+    whole uncropped images resized to the same side (same flip, same normalisation)."""
+
+    crop: torch.Tensor
+    image: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class LoaderOptions:
     drop_last: bool | None = None  # None: drop on train, keep on val
     augment: bool | None = None    # None: the train split's transform on train, val's on val; False: the
                                    # val transform on either split (`fastrefine eval --split train`)
+    refinery_view: str = "crop"  # train only, "image": yield Views(crop, whole image) as the images (torch loader)
 
     @property
     def train(self) -> bool:
@@ -77,6 +86,10 @@ class LoaderOptions:
     @property
     def val_resize(self) -> int:
         return int(round(self.resolution / self.val_crop_ratio))
+
+    @property
+    def whole_image(self) -> bool:
+        return self.train and self.refinery_view == "image"
 
     @property
     def flip_prob(self) -> float:

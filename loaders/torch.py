@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastrefine.errors import RunError, UsageError
 
 from . import batch_decode
-from .base import LoaderBase, LoaderOptions
+from .base import LoaderBase, LoaderOptions, Views
 from .samples import SampleTable, crop_for, epoch_batches, sample_crop, sample_table, samples_per_rank
 
 __all__ = ["TorchLoader", "sample_crop", "DECODE_MODES"]
@@ -64,9 +64,13 @@ class _Samples(Dataset):
         if o.train:
             (top, left, h, w), flip = crop_for(o, epoch=self.epoch, index=index, width=img.width,
                                                height=img.height)
+            whole = TF.resize(img, [r, r], antialias=True) if o.whole_image else None
             img = TF.resized_crop(img, top, left, h, w, [r, r], antialias=True)
             if flip:
                 img = TF.hflip(img)
+            if whole is not None:  # the refinery's view: the uncropped image, same flip
+                whole = TF.hflip(whole) if flip else whole
+                return torch.stack([TF.pil_to_tensor(img), TF.pil_to_tensor(whole)]), label
         else:
             img = TF.center_crop(TF.resize(img, int(round(r / o.val_crop_ratio)), antialias=True), [r, r])
         return TF.pil_to_tensor(img), label
@@ -131,8 +135,12 @@ class TorchLoader(LoaderBase):
             if host:
                 images, labels = batch
                 images = images.to(o.device, non_blocking=True)
-                x = batch_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
-                                              channels_last=o.channels_last)
+                if o.whole_image:  # (B, 2, C, H, W): crop and whole image of each sample
+                    x = Views(*(batch_decode.normalize_cast(images[:, k], self._scale, self._shift, dtype=o.dtype,
+                                                            channels_last=o.channels_last) for k in (0, 1)))
+                else:
+                    x = batch_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
+                                                  channels_last=o.channels_last)
             else:
                 x, labels = self._device_batch(*batch)
             yield x, labels.to(o.device, non_blocking=True)
@@ -150,9 +158,12 @@ class TorchLoader(LoaderBase):
                 box, flip = batch_decode.center_box(w, h, self.resolution, o.val_crop_ratio), False
             boxes.append(box)
             flips.append(flip)
-        x = batch_decode.device_batch(images, boxes=boxes, flips=flips, resolution=self.resolution,
-                                    scale=self._scale, shift=self._shift, dtype=o.dtype,
-                                    channels_last=o.channels_last)
+        kw = dict(flips=flips, resolution=self.resolution, scale=self._scale, shift=self._shift, dtype=o.dtype,
+                  channels_last=o.channels_last)
+        x = batch_decode.device_batch(images, boxes=boxes, **kw)
+        if o.whole_image:  # the refinery's view: each whole image, same flip
+            whole = [(0, 0, img.shape[-2], img.shape[-1]) for img in images]
+            x = Views(x, batch_decode.device_batch(images, boxes=whole, **kw))
         return x, labels
 
 
