@@ -37,41 +37,62 @@ def is_jpeg(blob: torch.Tensor) -> bool:
     return blob.numel() > 3 and int(blob[0]) == 0xFF and int(blob[1]) == 0xD8
 
 
-def decode_batch(blobs: list[torch.Tensor], device: torch.device, where=None) -> list[torch.Tensor]:
-    """Encoded images (1-D uint8 CPU tensors) -> (3, H, W) uint8 tensors on `device`.
+def device_decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """One batched `decode_jpeg` call on `device` (nvJPEG on CUDA). Raises RuntimeError when the decoder
+    rejects any image of the list (nvJPEG never decodes CMYK JPEGs).
 
-    JPEGs go to `decode_jpeg` in one batched call (nvJPEG on CUDA); anything else (a PNG in an
-    ImageFolder tree) is decoded on the CPU and moved. `where(i)` names the file of blob i in errors.
+    On CUDA the calling stream is synchronised first: torchvision allocates the outputs on the caller's
+    stream but decodes on a stream of its own that does not wait for the caller's (its
+    decode_jpegs_cuda.cpp records an event after the decode, none before), so a block freed by a kernel
+    still queued on the caller's stream could be written while that kernel reads it. The torch loader
+    calls this from its decode thread, on a stream of its own, where the wait costs the training nothing.
     """
-    ImageReadMode, decode_image, decode_jpeg = _decode_jpeg()
-    jpeg = [i for i, b in enumerate(blobs) if is_jpeg(b)]
-    out: list[torch.Tensor | None] = [None] * len(blobs)
+    ImageReadMode, _, decode_jpeg = _decode_jpeg()
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 marks its image decoders deprecated (in favour of TorchCodec) on every call
         warnings.simplefilter("ignore", DeprecationWarning)
-        if jpeg:
-            try:
-                decoded = decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:
-                decoded = None
-            if decoded is None:      # name the image that failed: decode them one by one on the CPU
-                for i in jpeg:
-                    try:
-                        decode_jpeg(blobs[i], mode=ImageReadMode.RGB)
-                    except RuntimeError as e:
-                        name = where(i) if where else f"image {i} of the batch"
-                        raise RunError(f"{name}: JPEG decode failed ({str(e).splitlines()[0]})") from None
-                raise RunError(f"{where(jpeg[0]) if where else 'a batch'}: batched JPEG decode on {device} "
-                               f"failed although every image decodes alone on the CPU")
-            for i, img in zip(jpeg, decoded):
-                out[i] = img
-        for i, b in enumerate(blobs):
-            if out[i] is None:
+        return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+
+
+def host_decode(blob: torch.Tensor) -> torch.Tensor:
+    """One image decoded on the CPU (libjpeg-turbo, which converts CMYK/YCCK JPEGs; PNG and the rest)."""
+    ImageReadMode, decode_image, _ = _decode_jpeg()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(blob, mode=ImageReadMode.RGB)
+
+
+def decode_batch(blobs: list[torch.Tensor], device: torch.device, where=None) -> list[torch.Tensor]:
+    """Encoded images (1-D uint8 CPU tensors) -> (3, H, W) uint8 tensors on `device`.
+
+    JPEGs go to `device_decode` in one batched call (nvJPEG on CUDA). When the decoder rejects the
+    batch, each JPEG is tried alone on the device and only the ones it rejects (a CMYK file) are decoded
+    on the CPU and moved: the batch goes on. Anything else (a PNG in an ImageFolder tree) is decoded on the
+    CPU. An image no decoder reads is an error naming its file (`where(i)`).
+    """
+    jpeg = [i for i, b in enumerate(blobs) if is_jpeg(b)]
+    out: list[torch.Tensor | None] = [None] * len(blobs)
+    if jpeg:
+        try:
+            decoded = device_decode([blobs[i] for i in jpeg], device)
+        except RuntimeError:
+            decoded = []
+            for i in jpeg:           # find the rejected images; the others stay on the device decoder
                 try:
-                    out[i] = decode_image(b, mode=ImageReadMode.RGB).to(device)
-                except RuntimeError as e:
-                    name = where(i) if where else f"image {i} of the batch"
-                    raise RunError(f"{name}: decode failed ({str(e).splitlines()[0]})") from None
+                    decoded.append(device_decode([blobs[i]], device)[0])
+                except RuntimeError:
+                    decoded.append(None)
+        for i, img in zip(jpeg, decoded):
+            out[i] = img
+    for i, b in enumerate(blobs):
+        if out[i] is None:
+            try:
+                out[i] = host_decode(b).to(device)
+            except RuntimeError as e:
+                name = where(i) if where else f"image {i} of the batch"
+                raise RunError(f"{name}: decode failed ({str(e).splitlines()[0]})") from None
     return out
 
 
@@ -89,12 +110,32 @@ def center_box(width: int, height: int, resolution: int, val_crop_ratio: float) 
     return top * sy, left * sx, resolution * sy, resolution * sx
 
 
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`. On CUDA it is pinned first and copied without blocking the host (a
+    non_blocking copy from pageable memory is a synchronous one; the pinned block goes back to torch's
+    host cache only when the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def pad_edges(slot: torch.Tensor, image: torch.Tensor) -> None:
+    """Copy a (3, h, w) image into the top-left of a larger (3, H, W) `slot` and fill the rest by
+    repeating its last row and column (edge replication, as roi_align does at the canvas border)."""
+    h, w = image.shape[-2:]
+    slot[:, :h, :w].copy_(image)
+    slot[:, h:, :w].copy_(slot[:, h - 1:h, :w].expand(-1, slot.shape[-2] - h, -1))
+    slot[:, :, w:].copy_(slot[:, :, w - 1:w].expand(-1, -1, slot.shape[-1] - w))
+
+
 def crop_resize(images: list[torch.Tensor], boxes: list[tuple[float, float, float, float]], resolution: int,
                 *, canvas_bytes: int = CANVAS_BYTES) -> torch.Tensor:
     """(3, H_i, W_i) uint8 images and their (top, left, h, w) boxes -> (B, 3, r, r) fp32 in 0..255.
 
-    Images are padded into a shared fp32 canvas; one roi_align call per canvas (one for the whole batch
-    unless the images are large: a canvas holds at most `canvas_bytes`)."""
+    Images are padded into a shared fp32 canvas, each with its last row and column repeated into the
+    padding (`pad_edges`), so a box at an image's bottom or right edge samples that edge as it would on
+    the image alone (roi_align clamps to the canvas, not to the image); one roi_align call per canvas (one
+    for the whole batch unless the images are large: a canvas holds at most `canvas_bytes`)."""
     from torchvision.ops import roi_align
     device = images[0].device
     out = torch.empty((len(images), 3, resolution, resolution), dtype=torch.float32, device=device)
@@ -107,13 +148,13 @@ def crop_resize(images: list[torch.Tensor], boxes: list[tuple[float, float, floa
             if stop > start and (stop - start + 1) * 3 * nh * nw * 4 > canvas_bytes:
                 break
             max_h, max_w, stop = nh, nw, stop + 1
-        canvas = torch.zeros((stop - start, 3, max_h, max_w), dtype=torch.float32, device=device)
+        canvas = torch.empty((stop - start, 3, max_h, max_w), dtype=torch.float32, device=device)
         for k in range(start, stop):
-            h, w = images[k].shape[-2:]
-            canvas[k - start, :, :h, :w].copy_(images[k])
+            pad_edges(canvas[k - start], images[k])
         rois = torch.tensor([[k - start, left, top, left + w, top + h]
                              for k, (top, left, h, w) in zip(range(start, stop), boxes[start:stop])],
-                            dtype=torch.float32).to(device, non_blocking=True)
+                            dtype=torch.float32)
+        rois = host_to(rois, device)
         out[start:stop] = roi_align(canvas, rois, output_size=(resolution, resolution), spatial_scale=1.0,
                                     sampling_ratio=-1, aligned=True)
         start = stop
@@ -144,6 +185,6 @@ def device_batch(images: list[torch.Tensor], *, boxes, flips: list[bool], resolu
     """Decoded images -> the loader's batch: crop + resize (one roi_align), flip, normalise + cast."""
     x = crop_resize(images, boxes, resolution)
     if any(flips):
-        mask = torch.tensor(flips, dtype=torch.bool).to(x.device, non_blocking=True).view(-1, 1, 1, 1)
+        mask = host_to(torch.tensor(flips, dtype=torch.bool), x.device).view(-1, 1, 1, 1)
         x = torch.where(mask, x.flip(-1), x)
     return normalize_cast(x, scale, shift, dtype=dtype, channels_last=channels_last)
