@@ -99,7 +99,7 @@ def _root(ctx: typer.Context,
 
 def _convert(layout: str, src: Path, dst: Path, fmt: str, max_side: int, quality: int, workers: Optional[int],
              splits: str, limit_per_class: Optional[int], force: bool, ffcv_mode: str, shard_size: int,
-             progress: bool) -> None:
+             progress: bool, strict: bool = False) -> None:
     from .convert import convert_dataset
     formats = ("ffcv", "dali") if fmt == "both" else (fmt,)
     if fmt not in ("ffcv", "dali", "both"):
@@ -110,7 +110,7 @@ def _convert(layout: str, src: Path, dst: Path, fmt: str, max_side: int, quality
         raise UsageError(f"--splits: expected a comma list of train,val, got {splits!r}")
     convert_dataset(src=src, out=dst, layout=layout, formats=formats, max_side=max_side, quality=quality,
                     workers=workers, splits=split_list, limit_per_class=limit_per_class, force=force,
-                    ffcv_mode=ffcv_mode, shard_size=shard_size, progress=progress)
+                    ffcv_mode=ffcv_mode, shard_size=shard_size, progress=progress, strict=strict)
 
 
 _FMT = typer.Option("both", "--format", help="ffcv, dali or both.")
@@ -123,6 +123,7 @@ _FORCE = typer.Option(False, "--force", help="Redo everything, overwriting OUT."
 _MODE = typer.Option("proportion", "--ffcv-mode", help="FFCV RGBImageField write_mode: jpg, proportion, smart or raw.")
 _SHARD = typer.Option(1000, "--shard-size", min=1, help="Images per DALI webdataset shard.")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="Progress bars.")
+_STRICT = typer.Option(False, "--strict", help="Skip JPEGs on which libjpeg warns (corrupt data it steps over); without it they are kept and listed in the manifest with the warning.")
 
 
 @convert_app.command("imagenet")
@@ -132,10 +133,10 @@ def convert_imagenet(src: Path = typer.Argument(..., help="ImageNet root: train/
                      fmt: str = _FMT, max_side: int = _MAXSIDE, quality: int = _QUALITY,
                      workers: Optional[int] = _WORKERS, splits: str = _SPLITS,
                      limit_per_class: Optional[int] = _LIMIT, force: bool = _FORCE, ffcv_mode: str = _MODE,
-                     shard_size: int = _SHARD, progress: bool = _PROGRESS):
+                     shard_size: int = _SHARD, progress: bool = _PROGRESS, strict: bool = _STRICT):
     """Convert an ImageNet folder (class folders or the Kaggle layout); bad files are skipped and listed."""
     _convert("imagenet", src, out_dir, fmt, max_side, quality, workers, splits, limit_per_class, force,
-             ffcv_mode, shard_size, progress)
+             ffcv_mode, shard_size, progress, strict)
 
 
 @convert_app.command("folder")
@@ -145,10 +146,10 @@ def convert_folder(src: Path = typer.Argument(..., help="ImageFolder root with t
                    fmt: str = _FMT, max_side: int = _MAXSIDE, quality: int = _QUALITY,
                    workers: Optional[int] = _WORKERS, splits: str = _SPLITS,
                    limit_per_class: Optional[int] = _LIMIT, force: bool = _FORCE, ffcv_mode: str = _MODE,
-                   shard_size: int = _SHARD, progress: bool = _PROGRESS):
+                   shard_size: int = _SHARD, progress: bool = _PROGRESS, strict: bool = _STRICT):
     """Convert any ImageFolder-style dataset (class subfolders under train/ and val/)."""
     _convert("folder", src, out_dir, fmt, max_side, quality, workers, splits, limit_per_class, force,
-             ffcv_mode, shard_size, progress)
+             ffcv_mode, shard_size, progress, strict)
 
 
 # ---------------------------------------------------------------------------------------------- run

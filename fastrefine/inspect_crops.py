@@ -133,14 +133,38 @@ def crop_tensor(img, box: tuple[int, int, int, int], *, resolution: int) -> torc
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def _open_rgb(path: Path):
+def shown_side(resolution: int) -> int:
+    """The longest side `inspect` decodes an image to: enough for the figure, and for the smallest crop
+    (8% of the area at a 4:3 ratio, about a quarter of the shorter side) to keep at least `resolution` px."""
+    return max(1024, 5 * resolution)
+
+
+def open_shown(path: Path, *, resolution: int):
+    """The image as RGB with its longer side at most shown_side(resolution): a JPEG decodes straight to a
+    smaller DCT scale (PIL's draft mode), so a 48 MP photo never exists at full size in memory. A source
+    of more pixels than the converter takes (convert.imaging.MAX_PIXELS) is refused from its header."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
+
+    from .convert.imaging import check_pixels
     if not Path(path).is_file():
         raise UsageError(f"{path}: image not found")
+    side = shown_side(resolution)
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the limit is checked below
+            with Image.open(path) as im:
+                too_large = check_pixels(*im.size)
+                if too_large:
+                    raise UsageError(f"{path}: {too_large}")
+                scale = min(1.0, side / max(im.size))
+                im.draft("RGB", (max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+                rgb = im.convert("RGB")
+        if max(rgb.size) > side:
+            rgb.thumbnail((side, side), Image.Resampling.LANCZOS)
+        return rgb
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path}: not an image PIL can read ({e})") from None
 
 
@@ -209,7 +233,9 @@ def inspect_image(*, checkpoint: Path, image: Path, crops: int = 4, out: Path | 
     class_names: a ClassList (folder ids + names), a plain list of names in class-index order, or None
     (names from the checkpoint's run folder's dataset when it is still there, else "class k").
     resolution: None takes the round's evaluation resolution from its run folder, else 224.
-    Returns {"image", "checkpoint", "out", "resolution", "ground_truth", "ground_truth_index",
+    The image is decoded with its longer side at most shown_side(resolution) (open_shown); the boxes are
+    in the pixels of that image ("shown_size"), the crops the model sees are the same.
+    Returns {"image", "checkpoint", "out", "resolution", "shown_size", "ground_truth", "ground_truth_index",
              "crops": [{"box": (left, top, width, height), "top5": [(class, prob), ...],
                         "top5_index": [...], "gt_prob": p or None}, ...]}.
     """
@@ -230,7 +256,7 @@ def inspect_image(*, checkpoint: Path, image: Path, crops: int = 4, out: Path | 
                          f"{len(class_names.names)} class names were given")
     names = class_names.names if class_names else None
     resolution = resolution or default_resolution(checkpoint)
-    img = _open_rgb(image)
+    img = open_shown(image, resolution=resolution)
     gt_index = class_names.index_of(image.parent.name) if class_names else None
     gt = names[gt_index] if gt_index is not None else None
 
@@ -246,4 +272,4 @@ def inspect_image(*, checkpoint: Path, image: Path, crops: int = 4, out: Path | 
     title = f"{meta['model_name']} ({checkpoint.parent.name}/{checkpoint.name}) at {resolution}px"
     _draw(img=img, boxes=boxes, crops_out=records, crop_images=crop_images, gt=gt, title=title, out=out)
     return {"image": str(image), "checkpoint": str(checkpoint), "out": str(out), "resolution": resolution,
-            "ground_truth": gt, "ground_truth_index": gt_index, "crops": records}
+            "shown_size": img.size, "ground_truth": gt, "ground_truth_index": gt_index, "crops": records}

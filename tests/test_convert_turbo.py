@@ -43,14 +43,14 @@ def _pil_only(monkeypatch) -> None:
 def fast_calls(monkeypatch) -> list:
     """Records every decode the fast path makes, so a test can tell which path ran."""
     calls: list = []
-    real = turbo.Codec.decode_at_least
+    real = turbo.Codec.decode_checked
 
     def spy(self, data, at_least):
         out = real(self, data, at_least)
-        calls.append(out is not None)
+        calls.append(out[0] is not None)
         return out
 
-    monkeypatch.setattr(turbo.Codec, "decode_at_least", spy)
+    monkeypatch.setattr(turbo.Codec, "decode_checked", spy)
     return calls
 
 
@@ -119,6 +119,10 @@ def test_a_warning_pil_tolerates_still_converts(tmp_path, photos, fast_calls):
     out = imaging.clean_image(str(odd), 256, 90)
     assert fast_calls == [False]
     assert out.ok and (out.width, out.height) == (256, 192)
+    assert "Corrupt JPEG data" in out.warning and "extraneous bytes" in out.warning     # kept, with its warning
+    strict = imaging.clean_image(str(odd), 256, 90, strict=True)
+    assert not strict.ok and strict.kind == "jpeg-warning" and "extraneous bytes" in strict.reason
+    assert imaging.clean_image(str(tmp_path / "whole.jpg"), 256, 90, strict=True).warning == ""  # a clean file
 
 
 def test_rotated_and_cmyk_jpegs_take_the_pil_path(tmp_path, photos, fast_calls):

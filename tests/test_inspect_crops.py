@@ -157,3 +157,39 @@ def test_out_is_a_png_or_a_folder_never_a_guess(trained, dress, tmp_path):
         res = runner.invoke(app, ["inspect", str(trained), str(dress), "--out", bad])
         assert res.exit_code == 2 and why in res.output, res.output
     assert not (tmp_path / "nowhere").exists() and not (tmp_path / "x.jpg").exists()
+
+
+# ------------------------------------------------------------------------------ size limits (issue 23)
+
+def test_a_header_claiming_13000x13000_is_refused_in_one_line(trained, dress, tmp_path):
+    data = bytearray(dress.read_bytes())
+    sof = min(i for i in (data.find(b"\xff\xc0"), data.find(b"\xff\xc2")) if i >= 0)
+    data[sof + 5:sof + 9] = (13000).to_bytes(2, "big") * 2            # height, width
+    huge = tmp_path / "huge.jpg"
+    huge.write_bytes(bytes(data))
+    res = runner.invoke(app, ["inspect", str(trained), str(huge), "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 2, res.output
+    assert "13000x13000 = 169 MP, more than the 128 MP fastrefine decodes" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x.png").exists()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    """A 6000x4500 JPEG (27 MP: 81 MB as RGB pixels) decodes DCT-scaled to at most 1120 px, and the peak
+    memory of the decode (the process's VmHWM, in a child of its own) stays far below the full size."""
+    import subprocess
+    import sys
+    big = tmp_path / "big.jpg"
+    Image.radial_gradient("L").resize((6000, 4500)).convert("RGB").save(big, quality=90)
+    code = f"""
+from pathlib import Path
+from fastrefine.bench.protocol import proc_status_kib
+from fastrefine.inspect_crops import open_shown, shown_side
+before = proc_status_kib("VmHWM")
+img = open_shown(Path({str(big)!r}), resolution=224)
+print(img.size[0], img.size[1], shown_side(224), (proc_status_kib("VmHWM") - before) // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    width, height, side, grown_mib = map(int, done.stdout.split())
+    assert (width, height) == (side, side * 3 // 4) == (1120, 840)
+    assert grown_mib < 40, f"the decode grew the peak by {grown_mib} MiB (a full-size decode is >= 81)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 from collections import Counter, deque
@@ -84,7 +85,10 @@ def convert(*, src: Path, out: Path, layout: str, options: ConvertOptions, conso
     _refuse_out_inside_src(out=out, src=Path(src).expanduser().resolve())
     scan = scan_source(src=Path(src), layout=layout, splits=opts.splits, limit_per_class=opts.limit_per_class)
     _guard_out(out=out, source=scan.source)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     with out_lock(out):
         old_manifest = _guard_out(out=out, source=scan.source)      # again, now that no one else writes
         for folder in (out, out / DALI_DIR, out / WORK):
@@ -95,7 +99,7 @@ def convert(*, src: Path, out: Path, layout: str, options: ConvertOptions, conso
             write_text(out / MARKER, json.dumps({"source": str(scan.source)}) + "\n")
         settings = {"layout": layout, "max_side": opts.max_side, "quality": opts.quality,
                     "shard_size": opts.shard_size, "seed": SHUFFLE_SEED,
-                    "limit_per_class": opts.limit_per_class, "version": CLEAN_VERSION}
+                    "limit_per_class": opts.limit_per_class, "strict": opts.strict, "version": CLEAN_VERSION}
         shard_dir = out / (DALI_DIR if "dali" in opts.formats else WORK)
         runs = _run_splits(scan=scan, out=out, shard_dir=shard_dir, settings=settings, opts=opts,
                            console=console)
@@ -119,6 +123,12 @@ def _refuse_out_inside_src(*, out: Path, src: Path) -> None:
                          f"outside it")
 
 
+# A temporary of the marker or the manifest (`atomic_write`'s `.NAME.tmp-PID`): what a convert killed while
+# writing its marker leaves beside the lock. It does not make OUT foreign; a dead process's is removed
+# under the lock, a live one's belongs to a convert that holds the lock.
+_OWN_TEMPORARY = re.compile(rf"^\.({re.escape(MARKER)}|{re.escape(MANIFEST_NAME)})\.tmp-\d+$")
+
+
 def _guard_out(*, out: Path, source: Path) -> dict | None:
     """Refuse an OUT that is a file, holds another source's conversion, or holds unrelated files."""
     if out.exists() and not out.is_dir():
@@ -137,7 +147,7 @@ def _guard_out(*, out: Path, source: Path) -> dict | None:
             if other != str(source):
                 raise UsageError(f"{out}: holds a conversion of {other}, not {source}; "
                                  f"choose another OUT or delete that one")
-    if not found and any(p.name != LOCK_NAME for p in out.iterdir()):
+    if not found and any(p.name != LOCK_NAME and not _OWN_TEMPORARY.match(p.name) for p in out.iterdir()):
         raise UsageError(f"{out}: not empty and holds no fastrefine conversion; choose an empty folder")
     return found.get(MANIFEST_NAME)
 
@@ -173,6 +183,8 @@ def _run_splits(*, scan: SourceScan, out: Path, shard_dir: Path, settings: dict,
             if "dali" in opts.formats or (run.beton is not None and "file" not in run.beton):
                 _make_shards(run=run, split=split, scan=scan, shard_dir=shard_dir, opts=opts, pool=pool, bar=bar)
                 run.summary = _summarise(split=split, records=run.shard_records, num_classes=len(scan.classes))
+            if name == "train":
+                _refuse_classes_without_images(summary=run.summary, scan=scan)
             run.seconds = time.perf_counter() - start
             runs.append(run)
         for run in runs:
@@ -207,10 +219,24 @@ def _make_shards(*, run: SplitRun, split: SplitScan, scan: SourceScan, shard_dir
 
     if total:
         paths = [str(scan.source / cand.path) for plan in todo for _, cand in plan.items]
-        stream = pool.clean(paths=paths, max_side=opts.max_side, quality=opts.quality)
+        stream = pool.clean(paths=paths, max_side=opts.max_side, quality=opts.quality, strict=opts.strict)
         for plan in todo:
             records[plan.number] = write_shard(plan=plan, cleaned=stream, folder=shard_dir, on_item=counted)
     run.shard_records = [records[p.number] for p in run.shard_plans]
+
+
+def _refuse_classes_without_images(*, summary: dict, scan: SourceScan) -> None:
+    """A train class whose every file was skipped (undecodable, too large, ...) would be a class with no
+    examples: refused like an empty class folder, naming the folder and the first file's reason."""
+    empty = [c for c in scan.classes if summary["label_counts"][c.index] == 0]
+    if not empty:
+        return
+    folder = scan.splits["train"].folder or "train"
+    first = next((s for s in summary["skipped"] if Path(s["path"]).parent.name == empty[0].wnid), None)
+    why = f"; {first['path']}: {first['reason']}" if first else ""
+    names = ", ".join(c.wnid for c in empty[:10]) + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
+    raise UsageError(f"{scan.source / folder}: class folder(s) with no decodable image: {names}{why}; "
+                     f"remove them or add images (each would be a class with no examples)")
 
 
 def _beton_record_path(*, out: Path, split: str) -> Path:
@@ -252,18 +278,22 @@ def _summarise(*, split: SplitScan, records: list[dict], num_classes: int) -> di
     label_counts = [0] * num_classes
     notes: Counter = Counter()
     skipped = [s.as_dict() for s in split.skipped]
+    warned = []
     for record in records:
         for m in record["members"]:
             label_counts[m["label"]] += 1
+            if m.get("warning"):
+                warned.append({"path": m["source"], "warning": m["warning"]})
         skipped.extend(record["skipped"])
         notes.update(record["notes"])
     skipped.sort(key=lambda s: s["path"])
+    warned.sort(key=lambda s: s["path"])
     return {"count": sum(label_counts), "label_counts": label_counts, "skipped": skipped,
-            "repaired": dict(sorted(notes.items()))}
+            "repaired": dict(sorted(notes.items())), "warned": warned}
 
 
 def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: ConvertOptions) -> dict:
-    splits, skipped, files = {}, [], {}
+    splits, skipped, warned, files = {}, [], [], {}
     for run in runs:
         s = run.summary
         entry: dict[str, Any] = {"count": s["count"], "label_counts": s["label_counts"]}
@@ -285,8 +315,11 @@ def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: ConvertOpti
         entry["skipped_count"] = len(s["skipped"])
         entry["skipped_kinds"] = dict(sorted(Counter(x["kind"] for x in s["skipped"]).items()))
         entry["repaired"] = s["repaired"]
+        # kept although libjpeg warned (damaged data it stepped over); --strict skips them instead
+        entry["warned_count"] = len(s.get("warned", []))
         splits[run.name] = entry
         skipped.extend(s["skipped"])
+        warned.extend(s.get("warned", []))
     return {"version": MANIFEST_VERSION, "dataset": scan.layout, "source": str(scan.source),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "max_side": opts.max_side, "quality": opts.quality, "jpeg_path": turbo.describe(),
@@ -294,7 +327,7 @@ def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: ConvertOpti
             "ffcv_mode": opts.ffcv_mode, "shard_size": opts.shard_size, "shuffle_seed": SHUFFLE_SEED,
             "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name, "description": c.description}
                         for c in scan.classes],
-            "splits": splits, "skipped": skipped, FILES_KEY: files}
+            "strict": opts.strict, "splits": splits, "skipped": skipped, "warned": warned, FILES_KEY: files}
 
 
 def _same(old: dict, new: dict) -> bool:
@@ -304,14 +337,15 @@ def _same(old: dict, new: dict) -> bool:
 
 def _print_summary(*, console: Console, runs: list[SplitRun], out: Path) -> None:
     table = Table(title=Text(f"fastrefine convert -> {out}"))
-    for col in ("split", "images", "decoded now", "skipped", "skip reasons", "seconds", "images/s"):
+    for col in ("split", "images", "decoded now", "skipped", "skip reasons", "libjpeg warned", "seconds",
+                "images/s"):
         table.add_column(col, justify="left" if col in ("split", "skip reasons") else "right")
     for run in runs:
         kinds = Counter(x["kind"] for x in run.summary["skipped"])
         reasons = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "-"
         rate = f"{run.encoded / run.seconds:.0f}" if run.encoded and run.seconds > 0 else "-"
         table.add_row(run.name, str(run.summary["count"]), str(run.encoded), str(len(run.summary["skipped"])),
-                      reasons, f"{run.seconds:.1f}", rate)
+                      reasons, str(len(run.summary.get("warned", []))), f"{run.seconds:.1f}", rate)
     console.print(table)
 
 
@@ -331,17 +365,18 @@ class _Pool:
             # queued chunks are cancelled; running ones (at most 32 images each) are waited for
             self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def clean(self, *, paths: list[str], max_side: int, quality: int) -> Iterator[Cleaned]:
+    def clean(self, *, paths: list[str], max_side: int, quality: int, strict: bool) -> Iterator[Cleaned]:
         chunk = max(1, min(32, len(paths) // (self.workers * 4) or 1))
         if self.workers == 1:
             for i in range(0, len(paths), chunk):
-                yield from clean_many(paths[i:i + chunk], max_side, quality)
+                yield from clean_many(paths[i:i + chunk], max_side, quality, strict)
             return
         if self._executor is None:
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
         pending: deque = deque()
         for i in range(0, len(paths), chunk):
-            pending.append((paths[i], self._executor.submit(clean_many, paths[i:i + chunk], max_side, quality)))
+            pending.append((paths[i], self._executor.submit(clean_many, paths[i:i + chunk], max_side, quality,
+                                                            strict)))
             if len(pending) >= self.workers * 4:
                 yield from self._result(*pending.popleft())
         while pending:

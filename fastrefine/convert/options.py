@@ -32,6 +32,7 @@ class ConvertOptions:
     ffcv_mode: str = "proportion"               # see FFCV_MODES
     shard_size: int = 1000                      # candidate files per webdataset shard
     progress: bool = True                       # rich progress bars and the summary table
+    strict: bool = False                        # skip JPEGs on which libjpeg warns (else kept and listed)
 
     def __post_init__(self) -> None:
         formats = tuple(self.formats)

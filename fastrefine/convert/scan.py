@@ -9,8 +9,10 @@ Two source layouts, one code path:
 
 Class indices are the sorted class-folder names of ``train``; val uses the same map. Nothing here
 decodes an image: files whose *name* rules them out (hidden, not an image extension, outside a class
-folder, not in the CSV) and entries that cannot even be looked at (a symlink loop, a folder without
-read permission: any OSError) are skipped here with a reason, everything else is a candidate for decoding.
+folder, not in the CSV), entries that are not regular files (a FIFO, a socket, a device: never opened)
+and entries that cannot even be looked at (a symlink loop, a folder without read permission: any
+OSError) are skipped here with a reason; every other file is a candidate for decoding, with its size and
+modification time (a file rewritten later is decoded again).
 A train class folder without a single candidate is an error (it would be a class with no images).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +45,8 @@ class ClassEntry:
 class Candidate:
     path: str          # relative to the source folder
     label: int
+    size: int = 0      # bytes and modification time when scanned: part of the shard's fingerprint, so a
+    mtime_ns: int = 0  # file rewritten since (during a convert, too) is decoded again on the next run
 
 
 @dataclass(frozen=True)
@@ -220,15 +225,18 @@ def _scan_class_folders(*, src: Path, split_dir: Path, split: str, folders: list
             continue
         for entry in entries:
             rel = _rel(entry.path, src)
-            skip = _skip_by_name(entry=entry, rel=rel)
-            if skip:
-                skipped.append(skip)
+            looked = _look(entry=entry, rel=rel)
+            if isinstance(looked, Skip):
+                skipped.append(looked)
             else:
-                candidates.append(Candidate(rel, by_wnid[name]))
+                candidates.append(Candidate(rel, by_wnid[name], looked.st_size, looked.st_mtime_ns))
     return SplitScan(name=split, candidates=candidates, skipped=skipped, folder=_rel(split_dir, src))
 
 
-def _skip_by_name(*, entry: os.DirEntry, rel: str) -> Skip | None:
+def _look(*, entry: os.DirEntry, rel: str) -> Skip | os.stat_result:
+    """Why `entry` is skipped, or its stat (of the file a link points at) when it is a candidate. Only a
+    regular file is a candidate: a FIFO, socket or device named *.jpg is listed and never opened (opening
+    a FIFO waits for a writer for ever)."""
     is_dir = _is_dir(entry)
     if isinstance(is_dir, OSError):
         return _unreadable(rel, is_dir)
@@ -239,7 +247,21 @@ def _skip_by_name(*, entry: os.DirEntry, rel: str) -> Skip | None:
     suffix = os.path.splitext(entry.name)[1].lower()
     if suffix not in IMAGE_EXTENSIONS:
         return Skip(rel, "not-image-extension", f"not an image file name (extension {suffix or 'none'!r})")
-    return None
+    try:
+        st = entry.stat()
+    except OSError as e:
+        return _unreadable(rel, e)
+    if not stat.S_ISREG(st.st_mode):
+        return Skip(rel, "not-regular-file", f"not a regular file ({_file_type(st.st_mode)}); never opened")
+    return st
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 def _read_val_csv(*, csv_path: Path, by_wnid: dict[str, int]) -> dict[str, int]:
@@ -269,16 +291,16 @@ def _scan_flat_csv(*, src: Path, split_dir: Path, split: str, csv_path: Path,
     candidates, skipped, seen = [], [], set()
     for entry in _split_entries(split_dir):
         rel = _rel(entry.path, src)
-        skip = _skip_by_name(entry=entry, rel=rel)
-        if skip:
-            skipped.append(skip)
+        looked = _look(entry=entry, rel=rel)
+        if isinstance(looked, Skip):
+            skipped.append(looked)
             continue
         image_id = os.path.splitext(entry.name)[0]
         if image_id not in labels:
             skipped.append(Skip(rel, "not-in-csv", f"not listed in {csv_path.name}"))
             continue
         seen.add(image_id)
-        candidates.append(Candidate(rel, labels[image_id]))
+        candidates.append(Candidate(rel, labels[image_id], looked.st_size, looked.st_mtime_ns))
     for image_id in sorted(set(labels) - seen):
         skipped.append(Skip(_rel(split_dir / image_id, src), "missing",
                             f"listed in {csv_path.name} but no such image file"))

@@ -62,7 +62,7 @@ def plan_shards(*, split: str, candidates: list[Candidate], shard_size: int, set
     for number, start in enumerate(range(0, len(keyed), shard_size)):
         items = tuple(keyed[start:start + shard_size])
         fp = fingerprint({"settings": settings, "split": split, "number": number,
-                          "items": [(k, c.path, c.label) for k, c in items]})
+                          "items": [(k, c.path, c.label, c.size, c.mtime_ns) for k, c in items]})
         plans.append(ShardPlan(split=split, number=number, items=items, fingerprint=fp))
     return plans
 
@@ -89,7 +89,7 @@ def write_shard(*, plan: ShardPlan, folder: Path, cleaned: Iterator[Cleaned],
                     index_lines.append(" ".join(f"{e} {o} {n} {m}" for e, o, n, m in (jpg, cls)))
                     members.append({"key": key, "label": cand.label, "width": result.width,
                                     "height": result.height, "offset": jpg[1], "bytes": jpg[2],
-                                    "source": cand.path})
+                                    "source": cand.path, **({"warning": result.warning} if result.warning else {})})
                     for note in result.notes:
                         notes[note] = notes.get(note, 0) + 1
                 else:

@@ -10,7 +10,8 @@ or OpenCV is missing, `codec()` returns None and the converter keeps to PIL alon
 functions are used; libjpeg-turbo 3.x still exports them.
 
 Decoding is strict: any libjpeg warning (a truncated file, corrupt data) makes `decode_at_least` return
-None, and the caller falls back to PIL, which then decides whether the file is usable and says why not.
+None, and the caller falls back to PIL, which then decides whether the file is usable and says why not;
+`decode_checked` also returns the warning's text, which the manifest lists beside the file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 TJPF_RGB = 0            # pixel format: 3 bytes per pixel, R G B
 TJSAMP_420 = 2          # chroma subsampling of what we encode (PIL's default at these qualities)
+TJERR_WARNING = 0       # tjGetErrorCode: the decode went on past damaged data (the pixels may be wrong)
 
 
 class _ScalingFactor(ctypes.Structure):
@@ -76,6 +78,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tjFree.argtypes = [vp]
     lib.tjGetScalingFactors.restype = ctypes.POINTER(_ScalingFactor)
     lib.tjGetScalingFactors.argtypes = [pi]
+    lib.tjGetErrorCode.argtypes = [vp]
+    lib.tjGetErrorStr2.argtypes = [vp]
+    lib.tjGetErrorStr2.restype = cp
 
 
 def _handles(lib: ctypes.CDLL) -> tuple[int, int]:
@@ -113,18 +118,38 @@ class Codec:
         """`data` decoded to uint8 HxWx3 RGB at the smallest DCT scale whose size is at least `at_least`
         (width, height), accurate integer IDCT; None on any error or warning (the caller's PIL path
         then judges the file)."""
+        return self.decode_checked(data, at_least)[0]
+
+    def decode_checked(self, data: bytes, at_least: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+        """(decode_at_least's pixels or None, libjpeg's warning when the decode ended with one: corrupt
+        data the decoder stepped over, such as "Corrupt JPEG data: premature end of data segment")."""
+        return self._decode(data, at_least)
+
+    def warning_of(self, data: bytes) -> str | None:
+        """libjpeg's warning on `data` (decoded at the smallest DCT scale: the entropy decode, where damage
+        shows, is the same at every scale), or None."""
+        return self._decode(data, (1, 1))[1]
+
+    def _decode(self, data: bytes, at_least: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
         lib = self._lib
         dec, _ = _handles(lib)
         w, h, sub, space = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         if lib.tjDecompressHeader3(dec, data, len(data), ctypes.byref(w), ctypes.byref(h), ctypes.byref(sub),
                                    ctypes.byref(space)) != 0:
-            return None
+            return None, self._warning(dec)
         factor = pick_factor(width=w.value, height=h.value, at_least=at_least)
         out_w, out_h = scaled(w.value, factor), scaled(h.value, factor)
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
         if lib.tjDecompress2(dec, data, len(data), out.ctypes.data, out_w, 0, out_h, TJPF_RGB, 0) != 0:
-            return None          # an error, or a warning such as "Premature end of JPEG file"
-        return out
+            return None, self._warning(dec)
+        return out, None
+
+    def _warning(self, handle) -> str | None:
+        """The failed call's message if libjpeg only warned; None for a fatal error (the PIL path then
+        says what it is)."""
+        if self._lib.tjGetErrorCode(handle) != TJERR_WARNING:
+            return None
+        return (self._lib.tjGetErrorStr2(handle) or b"libjpeg warning").decode("utf-8", "replace")
 
     def encode(self, rgb: np.ndarray, quality: int) -> bytes:
         """uint8 HxWx3 RGB -> baseline JPEG bytes, 4:2:0, accurate DCT."""
