@@ -201,14 +201,15 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
             ckpt.write_text(run_dir / "recipe.toml", to_toml(recipe_to_dict(recipe)))
         dist_info.barrier()
         rows = []
-        for i in selected:
-            rd = recipe.rounds[i]
-            done = ckpt.read_json_marker(run_dir / rd.name / "done.json")
-            if done is not None:
-                log.info("round %s: already finished (%s), skipping", rd.name, run_dir / rd.name / "done.json")
-                rows.append(done)
-                continue
-            rows.append(run_round(env, i))
+        with env.stop.installed():  # SIGTERM/SIGUSR1: the step finishes, last.pt is written, exit 143
+            for i in selected:
+                rd = recipe.rounds[i]
+                done = ckpt.read_json_marker(run_dir / rd.name / "done.json")
+                if done is not None:
+                    log.info("round %s: already finished (%s), skipping", rd.name, run_dir / rd.name / "done.json")
+                    rows.append(done)
+                    continue
+                rows.append(run_round(env, i))
         if dist_info.is_main:
             from .report import summary_markdown, summary_table, write_chain
             all_rows = [m for m in (ckpt.read_json_marker(run_dir / r.name / "done.json") for r in recipe.rounds)

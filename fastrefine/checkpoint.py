@@ -173,11 +173,13 @@ def save_weights(path: Path, *, model: "torch.nn.Module", meta: dict) -> None:
 
 
 def save_state(path: Path, *, model, optimizer, scaler, epoch: int, step: int, best_top1: float, meta: dict,
-               rng: list[dict], ema: dict | None = None) -> None:
+               rng: list[dict], ema: dict | None = None, extra: dict | None = None) -> None:
     """The resume layout (last.pt). `rng` holds one RNG state per rank (see gather_rng_states); `ema`, when
-    run.ema is on, the state dict of the student's weight average (ema.WeightEma)."""
+    run.ema is on, the state dict of the student's weight average (ema.WeightEma). A save inside an epoch
+    adds (`extra`) `epoch_step`, the steps done into epoch `epoch` + 1, and `partial`, each rank's running
+    loss/accuracy sums of them."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch, "step": step, "best_top1": best_top1, "rng": rng, "meta": meta}
+             "epoch": epoch, "step": step, "best_top1": best_top1, "rng": rng, "meta": meta, **(extra or {})}
     if ema is not None:
         state["ema"] = ema
     save_atomic(state, path)

@@ -16,6 +16,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1   # processes on this node: they share its cores
+    control: object = None      # a CPU (gloo) group for host-side votes; None: the default group
 
     @property
     def enabled(self) -> bool:
@@ -56,7 +57,8 @@ def init_distributed(device_choice: str) -> tuple[Dist, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 store=attempt_store(rank=rank, world_size=world))
-    return Dist(rank=rank, world_size=world, local_rank=local, local_world_size=local_world), device
+    control = dist.new_group(backend="gloo") if world > 1 and use_cuda else None
+    return Dist(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, control=control), device
 
 
 def attempt_store(*, rank: int, world_size: int):

@@ -80,32 +80,49 @@ def _no_sync(model: nn.Module):
 
 
 @dataclass
+class Partial:
+    """An epoch's running sums on this rank: [loss * n, correct] on the device, and images seen."""
+    sums: torch.Tensor | None
+    seen: int
+
+
+@dataclass
 class EpochResult:
     loss: float
     top1: float          # student's train top-1 against the ground-truth labels, on the augmented crops
     images: int
     seconds: float
-    steps: int
+    steps: int           # steps run by this call
+    stopped_at: int | None = None     # the epoch stopped before this batch (after_update asked)
+    partial: Partial | None = None
 
 
 def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[[float], float], epoch: int,
                 steps_per_epoch: int, max_steps: int | None = None, log_every: int = 50,
                 on_log: Callable[[dict], None] = lambda rec: None, on_step: Callable[[int], None] = lambda n: None,
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, accumulate: int = 1,
-                accumulate_step: Callable | None = None, on_update: Callable[[], None] = lambda: None) -> EpochResult:
+                accumulate_step: Callable | None = None, on_update: Callable[[], None] = lambda: None,
+                start_step: int = 0, carry: "Partial | None" = None,
+                after_update: "Callable[[int, Partial], bool] | None" = None) -> EpochResult:
     """Run one epoch of `step`. With `accumulate` = N > 1, N - 1 batches go through `accumulate_step`
     (backward only) and every Nth through `step` (backward, then the update); the epoch's last batch
     always updates, so no gradient carries into the next epoch. `on_update` runs after each update. Loss and hits are summed on the device and read every `log_every` steps;
     images are counted on the host (a device tensor built per step would be a blocking host-to-device
-    copy on CUDA). An epoch cut short (`max_steps`) closes the loader's epoch iterator."""
-    sums = None  # [loss * n, correct] on the device
+    copy on CUDA). An epoch cut short (`max_steps`) closes the loader's epoch iterator.
+
+    Mid-epoch checkpoints: `start_step` = k resumes the epoch at its batch k (the loader skips the
+    batches before it: `start_at`, or reading and dropping them, which gives the same batches since
+    crops depend on (seed, epoch, index) only), with `carry` the sums of the steps before it.
+    `after_update(next_step, partial)` runs after each update but the epoch's last; when it returns
+    True the epoch stops there and the result has `stopped_at` = next_step and `partial` set."""
+    sums = None if carry is None else carry.sums  # [loss * n, correct] on the device
     start = time.perf_counter()
-    last_t, last_n = start, 0
-    n_steps = 0
-    seen = 0
-    batches = iter(loader)
+    seen = 0 if carry is None else carry.seen
+    last_t, last_n = start, seen
+    n_steps = start_step
+    batches = _iter_from(loader, start_step)
     try:
-        for i, (images, labels) in enumerate(batches):
+        for i, (images, labels) in enumerate(batches, start=start_step):
             set_lr(optimizer, lr_fn(epoch + i / steps_per_epoch))
             last = (max_steps and n_steps + 1 >= max_steps) or i + 1 >= steps_per_epoch
             update = accumulate == 1 or (i + 1) % accumulate == 0 or last
@@ -130,6 +147,9 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
                 last_t, last_n = now, seen
             if max_steps and n_steps >= max_steps:
                 break  # before the loader is asked for one more batch
+            if update and not last and after_update is not None and after_update(i + 1, Partial(sums, seen)):
+                return EpochResult(loss=math.nan, top1=math.nan, images=seen, seconds=time.perf_counter() - start,
+                                   steps=n_steps - start_step, stopped_at=i + 1, partial=Partial(sums, seen))
     finally:
         _close(batches)
     if sums is None:
@@ -141,7 +161,18 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
         raise RunError(f"loss became {loss_sum} during epoch {epoch}; stopped before writing a checkpoint "
                        f"(the last good one is kept)")
     return EpochResult(loss=loss_sum / n, top1=correct / n, images=int(n),
-                       seconds=time.perf_counter() - start, steps=n_steps)
+                       seconds=time.perf_counter() - start, steps=n_steps - start_step)
+
+
+def _iter_from(loader, start_step: int):
+    """The loader's epoch iterator from batch `start_step` on."""
+    if start_step and hasattr(loader, "start_at"):
+        loader.start_at(start_step)
+        return iter(loader)
+    batches = iter(loader)
+    for _ in range(start_step):  # a loader that cannot seek: read and drop (same crops, more decoding)
+        next(batches)
+    return batches
 
 
 def _close(batches) -> None:

@@ -60,6 +60,8 @@ class RunConfig:
     ema: float | None = _field(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="not set: off; set: keep an exponential "
                                "moving average of the student's weights with this decay per update (e.g. 0.999), "
                                "evaluate it each epoch beside the raw weights, save it (ema.pt)")
+    checkpoint_every_steps: int | None = _field(None, lo=1, doc="not set: last.pt at the end of each epoch "
+                                                "(and on SIGTERM/SIGUSR1); set: also every N steps inside an epoch")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .ema import WeightEma
 from .errors import RunError, UsageError
 from .optim import make_clipper, make_optimizer
 from .precision import Precision
+from .preempt import Preempted, StopSignals, StopVote
 from .recipe import (TORCHVISION_PREFIX, Recipe, global_batch, lr_scale, recipe_to_dict, round_index, round_lr, round_refinery,
                      round_seed, to_toml)
 from .refinery import AdversarialJitter, NoRefinery, Refinery, make_loss, no_jitter
@@ -58,6 +59,7 @@ class RoundEnv:
     console: Console = field(default_factory=Console)
     backend: str = "auto"          # the recipe's loader.backend resolved once for the process (chain.make_env)
     backend_reason: str = ""
+    stop: StopSignals = field(default_factory=StopSignals)   # SIGTERM/SIGUSR1 requests (preempt.py)
 
 
 @dataclass
@@ -302,13 +304,33 @@ def _refinery_resolution(recipe: Recipe) -> dict:
 
 def gather_rng_states(dist: Dist) -> list[dict]:
     """Every rank's RNG state, in rank order (a collective: every rank calls it)."""
-    mine = ckpt.rng_state()
+    return gather_per_rank(dist, ckpt.rng_state())
+
+
+def gather_per_rank(dist: Dist, mine) -> list:
+    """Every rank's `mine`, in rank order (a collective: every rank calls it)."""
     if not dist.enabled:
         return [mine]
     import torch.distributed as tdist
     states: list = [None] * dist.world_size
     tdist.all_gather_object(states, mine)
     return states
+
+
+def resume_partial(env: RoundEnv, state: dict):
+    """(steps done into the checkpoint's epoch, this rank's running sums of those steps) of a mid-epoch
+    last.pt; (0, None) at an epoch boundary."""
+    from .engine import Partial
+    k = int(state.get("epoch_step", 0) or 0)
+    if k == 0:
+        return 0, None
+    saved = state.get("partial") or []
+    if len(saved) != env.dist.world_size:
+        raise UsageError(f"{env.run_dir}: last.pt stopped inside epoch {state['epoch'] + 1} with "
+                         f"{len(saved)} process(es); resume it with the same number, or delete last.pt")
+    mine = saved[env.dist.rank]
+    sums = mine["sums"].to(env.device) if mine["sums"] is not None else None
+    return k, Partial(sums, int(mine["seen"]))
 
 
 def restore(parts: RoundParts, env: RoundEnv, state: dict) -> tuple[int, float, int]:
@@ -355,16 +377,20 @@ def run_round(env: RoundEnv, index: int) -> dict:
     state = read_resume_state(rdir)
     start_epoch = state["epoch"] if state else 0
     parts = build_round(env, index, start_epoch=start_epoch)
-    best, global_step = -1.0, 0
+    best, global_step, start_step, carry = -1.0, 0, 0, None
     if state:
         start_epoch, best, global_step = restore(parts, env, state)
-        log.info("round %s: resuming after epoch %d", rd.name, start_epoch)
+        start_step, carry = resume_partial(env, state)
+        if start_step:
+            log.info("round %s: resuming epoch %d at step %d", rd.name, start_epoch + 1, start_step)
+        else:
+            log.info("round %s: resuming after epoch %d", rd.name, start_epoch)
     del state
     from .runlog import MetricsLog, truncate_to_epoch
     steps_per_epoch = min(max(1, len(parts.train_loader)), r.run.max_steps_per_epoch or 1 << 62)
     metrics = MetricsLog(rdir / "metrics.jsonl", enabled=main, round=rd.name)
     if main:
-        truncate_to_epoch(rdir / "metrics.jsonl", epochs_done=start_epoch)
+        truncate_to_epoch(rdir / "metrics.jsonl", epochs_done=start_epoch, steps_into=start_step)
         _write_run_record(env, parts, rdir, start_epoch)
         if r.run.tensorboard:
             metrics.mirrors.append(_tensorboard(rdir, steps_per_epoch=steps_per_epoch, resumed_step=global_step))
@@ -373,6 +399,8 @@ def run_round(env: RoundEnv, index: int) -> dict:
     refinery_val = _evaluate_refinery(env, parts, metrics, reduce) if parts.refined and start_epoch == 0 else None
     scale = lr_scale(r, world_size=env.dist.world_size)  # a step schedule's lrs scale like optim.lr
     started, last_eval, last_train, seen_threads, last_ema = time.perf_counter(), None, None, [], None
+    vote = StopVote(env.stop, env.dist.control, enabled=env.dist.enabled)
+    every = r.run.checkpoint_every_steps
     from .progress import progress_bar
     with progress_bar(disable=not (main and r.run.progress), console=env.console) as bar, metrics:
         for epoch in range(start_epoch, rd.epochs):
@@ -388,14 +416,31 @@ def run_round(env: RoundEnv, index: int) -> dict:
                     seen_threads.append(torch.get_num_threads())
                 bar.advance(task, n)
 
+            epoch_base = global_step - start_step   # the round's step count at this epoch's start
+
+            def after_update(next_step: int, partial, epoch=epoch, epoch_base=epoch_base) -> bool:
+                """Mid-epoch: stop when every rank agrees a stop was asked; save every N steps."""
+                stopping = vote.poll()
+                if stopping or (every and (epoch_base + next_step) % every == 0):
+                    _save(env, parts, rdir, epoch=epoch, step=epoch_base + next_step, best=best, improved=False,
+                          val_top1=None, epoch_step=next_step, partial=partial)
+                return stopping
+
+            if start_step:
+                bar.advance(task, start_step * parts.train_loader.batch_size)
+
             result = train_epoch(parts.train_loader, step=parts.step, optimizer=parts.optimizer, epoch=epoch,
                                  lr_fn=lambda e: lr_at(e, cfg=r.schedule, base_lr=parts.lr, total_epochs=rd.epochs,
                                                        scale=scale),
                                  steps_per_epoch=steps_per_epoch, max_steps=r.run.max_steps_per_epoch,
                                  log_every=r.run.log_every, on_log=metrics.write, on_step=on_step, all_reduce=reduce,
                                  accumulate=r.optim.accumulate, accumulate_step=parts.accumulate_step,
-                                 on_update=parts.ema.update if parts.ema is not None else lambda: None)
+                                 on_update=parts.ema.update if parts.ema is not None else lambda: None,
+                                 start_step=start_step, carry=carry, after_update=after_update)
             global_step += result.steps
+            start_step, carry = 0, None
+            if result.stopped_at is not None:
+                raise Preempted(_stopped_line(env, rdir, epoch=epoch, step=result.stopped_at, of=steps_per_epoch))
             last_train = result
             record = {"kind": "epoch", "epoch": epoch, "step": global_step, "resolution": res,
                       "train_loss": result.loss, "train_top1": result.top1, "train_images": result.images,
@@ -418,6 +463,8 @@ def run_round(env: RoundEnv, index: int) -> dict:
             bar.update(task, info=f"loss {result.loss:.3f} train {100 * result.top1:.0f}%"
                        + (f" val {100 * record['val_top1']:.1f}%" if "val_top1" in record else "")
                        + (f" ema {100 * record['ema_val_top1']:.1f}%" if "ema_val_top1" in record else ""))
+            if epoch + 1 < rd.epochs and vote.settle():
+                raise Preempted(_stopped_line(env, rdir, epoch=epoch + 1, step=0, of=steps_per_epoch))
     if last_eval is None:  # resumed after the final epoch: evaluate the finished weights for the summary
         last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
         if parts.ema is not None:
@@ -466,9 +513,23 @@ def _meta(parts: RoundParts, env: RoundEnv, *, epoch: int, val_top1) -> dict:
             "round": parts.name, "epoch": epoch, "val_top1": val_top1}
 
 
+def _stopped_line(env: RoundEnv, rdir: Path, *, epoch: int, step: int, of: int) -> str:
+    """The one line a stop signal ends the run with (`epoch` counts from 0; step 0: at its start)."""
+    why = env.stop.requested or "a stop signal on another rank"
+    return (f"stopped by {why} at epoch {epoch + 1} step {step}/{of}; {rdir / 'last.pt'} holds that step: "
+            f"rerun the same command to resume from it (exit {Preempted.exit_code})")
+
+
 def _save(env: RoundEnv, parts: RoundParts, rdir: Path, *, epoch: int, step: int, best: float, improved: bool,
-          val_top1) -> None:
+          val_top1, epoch_step: int = 0, partial=None) -> None:
+    """last.pt (and best.pt when `improved`). `epoch` counts finished epochs; a mid-epoch save also
+    records `epoch_step` (steps done into the next epoch) and every rank's running sums of them."""
     rng = gather_rng_states(env.dist)  # every rank takes part; rank 0 writes
+    extra = {}
+    if epoch_step:
+        sums = partial.sums.detach().cpu() if partial is not None and partial.sums is not None else None
+        extra = {"epoch_step": epoch_step,
+                 "partial": gather_per_rank(env.dist, {"sums": sums, "seen": partial.seen if partial else 0})}
     if env.dist.is_main:
         meta = _meta(parts, env, epoch=epoch, val_top1=val_top1)
         if improved:
@@ -477,7 +538,7 @@ def _save(env: RoundEnv, parts: RoundParts, rdir: Path, *, epoch: int, step: int
         if ema is not None:
             ckpt.save_weights(rdir / "ema.pt", model=parts.ema.module, meta={**meta, "weights": "ema", "val_top1": None})
         ckpt.save_state(rdir / "last.pt", model=parts.student, optimizer=parts.optimizer, scaler=parts.scaler,
-                        epoch=epoch, step=step, best_top1=best, meta=meta, rng=rng, ema=ema)
+                        epoch=epoch, step=step, best_top1=best, meta=meta, rng=rng, ema=ema, extra=extra)
     env.dist.barrier()
 
 

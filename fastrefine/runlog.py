@@ -72,16 +72,19 @@ def read_metrics(path: Path) -> list[dict]:
     return [rec for rec, _ in rows if rec is not None]
 
 
-def truncate_to_epoch(path: Path, *, epochs_done: int) -> int:
-    """Keep the records of epochs < epochs_done (and the refinery's own records); drop the rest, torn
-    lines included. Returns how many lines were dropped. Written atomically."""
+def truncate_to_epoch(path: Path, *, epochs_done: int, steps_into: int = 0) -> int:
+    """Keep the records of epochs < epochs_done (and the refinery's own records), and of a checkpoint
+    taken inside an epoch the step records of its first `steps_into` steps; drop the rest, torn lines
+    included. Returns how many lines were dropped. Written atomically."""
     path = Path(path)
     if not path.is_file():
         return 0
     from .checkpoint import write_text
     rows = _parse(path)
     keep = [line if line.endswith("\n") else line + "\n" for rec, line in rows
-            if rec is not None and (rec.get("kind") == "refinery" or rec.get("epoch", -1) < epochs_done)]
+            if rec is not None and (rec.get("kind") == "refinery" or rec.get("epoch", -1) < epochs_done
+                                    or (rec.get("epoch") == epochs_done and rec.get("kind") == "step"
+                                        and rec.get("step", steps_into) < steps_into))]
     dropped = len(rows) - len(keep)
     if dropped:
         write_text(path, "".join(keep))

@@ -209,7 +209,7 @@ class DaliLoader(LoaderBase):
             raise UsageError(f"{self.data}: split {opts.split!r} has {self.total} images, fewer than "
                              f"world_size {opts.world_size}")
         self.feed = EpochFeed(self.table, opts)
-        self.epoch = 0
+        self.epoch, self._start = 0, 0
         self._pipes: dict[int, object] = {}  # resolution -> built pipeline (at most one)
         self.builds = 0                      # pipelines built so far (tests and logs)
 
@@ -224,6 +224,11 @@ class DaliLoader(LoaderBase):
     # -- epochs, resolution, pipelines ---------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def start_at(self, batch: int) -> None:
+        """The next epoch's iteration starts at its batch `batch` (a resumed mid-epoch checkpoint): the
+        same batches and crops as the rest of an uninterrupted epoch."""
+        self._start = batch
 
     def set_resolution(self, resolution: int) -> None:
         if resolution < 1:
@@ -261,7 +266,8 @@ class DaliLoader(LoaderBase):
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pipe = self._pipeline()
-        batches = epoch_batches(self.total, self.opts, self.epoch)
+        batches = epoch_batches(self.total, self.opts, self.epoch)[self._start:]
+        self._start = 0
         self.feed.start(batches, self.epoch)
         failed = True
         try:

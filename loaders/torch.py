@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from fastrefine.errors import RunError, UsageError
+from fastrefine.preempt import ignore_stop_signals
 
 from . import batch_decode
 from .base import LoaderBase, LoaderOptions, Views
@@ -102,6 +103,7 @@ class TorchLoader(LoaderBase):
         self.batch_size = opts.batch_size
         self.resolution = opts.resolution
         self.epoch = 0
+        self._start = 0
         self._scale, self._shift = batch_decode.scale_shift(opts, opts.device)
 
     @property
@@ -114,6 +116,11 @@ class TorchLoader(LoaderBase):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def start_at(self, batch: int) -> None:
+        """The next epoch's iteration starts at its batch `batch` (a resumed mid-epoch checkpoint): the
+        same batches and crops as the rest of an uninterrupted epoch."""
+        self._start = batch
+
     def set_resolution(self, resolution: int) -> None:
         if resolution < 1:
             raise UsageError(f"torch loader: resolution must be positive, got {resolution}")
@@ -125,11 +132,13 @@ class TorchLoader(LoaderBase):
     def __iter__(self):
         self.dataset.epoch, self.dataset.resolution = self.epoch, self.resolution
         o = self.opts
-        batches = [b.tolist() for b in epoch_batches(len(self.table), o, self.epoch)]
+        batches = [b.tolist() for b in epoch_batches(len(self.table), o, self.epoch)][self._start:]
+        self._start = 0
         host = self.decode == "host"
         dl = DataLoader(self.dataset, batch_sampler=batches, num_workers=o.workers,
                         pin_memory=o.device.type == "cuda" and host,
                         collate_fn=None if host else _collate_bytes, persistent_workers=False,
+                        worker_init_fn=ignore_stop_signals if o.workers > 0 else None,
                         prefetch_factor=4 if o.workers > 0 else None)
         for batch in dl:
             if host:

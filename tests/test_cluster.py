@@ -74,3 +74,125 @@ def test_elastic_restart_after_a_killed_worker_resumes_and_finishes(tmp_path, de
     assert run["resumed_after_epoch"] >= 1  # the restarted group resumed from last.pt
     assert epochs_logged(tmp_path / "runs/elastic/r0/metrics.jsonl") == [0, 1, 2]
     assert (tmp_path / "runs/elastic/r0/done.json").is_file()
+
+
+def signal_after(monkeypatch, steps: int, signum: int = signal.SIGTERM) -> None:
+    """This process gets `signum` in the middle of step `steps` + 1 (from inside the step, as a scheduler's
+    signal would arrive while a step runs)."""
+    import fastrefine.engine as engine
+    real, count = engine.train_step, [0]
+
+    def step(*args, **kwargs):
+        count[0] += 1
+        if count[0] == steps + 1:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine, "train_step", step)
+
+
+def same_weights(a: Path, b: Path) -> None:
+    import torch
+    from fastrefine import checkpoint as ckpt
+    wa, wb = ckpt.load(a)["model"], ckpt.load(b)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+PREEMPT_ROUNDS = '[[rounds]]\nname = "r0"\nepochs = 2\n'
+
+
+@pytest.mark.parametrize("backend,signum", [("torch", signal.SIGTERM), ("dali", signal.SIGUSR1)])
+def test_a_stop_signal_mid_epoch_saves_that_step_and_the_resume_matches_an_uninterrupted_run(
+        tmp_path, demo_tree, monkeypatch, backend, signum):
+    """SIGTERM (or SIGUSR1) in the middle of epoch 2: the step finishes, last.pt holds that step, the run
+    ends with Preempted (exit 143); the rerun skips the consumed batches and ends with the same weights,
+    and the same log, as a run that never stopped."""
+    from fastrefine.chain import run_recipe
+    from fastrefine.preempt import Preempted
+    from fastrefine.recipe import load_recipe
+    from fastrefine import checkpoint as ckpt
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+        from helpers import convert_in_child
+        data = tmp_path / "fast"
+        convert_in_child(demo_tree, data, formats=("dali",), max_side=32, workers=1, progress=False)
+    else:
+        data = demo_tree
+    sets = [f"loader.backend={backend!r}"]
+    straight = load_recipe(write_recipe(tmp_path, data, name="straight", rounds=PREEMPT_ROUNDS), sets)
+    run_recipe(straight)
+    stopped = load_recipe(write_recipe(tmp_path, data, name="stopped", rounds=PREEMPT_ROUNDS), sets)
+    steps_per_epoch = 400 // 32
+    with monkeypatch.context() as m:
+        signal_after(m, steps_per_epoch + 4, signum)  # arrives during step 5 of epoch 2
+        with pytest.raises(Preempted, match=rf"stopped by {signal.Signals(signum).name} at epoch 2 step 5/12"):
+            run_recipe(stopped)
+    assert Preempted.exit_code == 143
+    state = ckpt.load(tmp_path / "runs/stopped/r0/last.pt")
+    assert (state["epoch"], state["epoch_step"], state["step"]) == (1, 5, steps_per_epoch + 5)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    run_recipe(stopped)  # resumes at step 5 of epoch 2
+    same_weights(tmp_path / "runs/straight/r0/last.pt", tmp_path / "runs/stopped/r0/last.pt")
+    log_a = [json.loads(x) for x in (tmp_path / "runs/straight/r0/metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "runs/stopped/r0/metrics.jsonl").read_text().splitlines()]
+    assert [(m["kind"], m.get("epoch"), m.get("step")) for m in log_a] == \
+        [(m["kind"], m.get("epoch"), m.get("step")) for m in log_b]
+    ea, eb = log_a[-1], log_b[-1]
+    assert eb["train_images"] == ea["train_images"]
+    assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-5)
+
+
+def test_checkpoint_every_steps_writes_mid_epoch_states(tmp_path, demo_tree, monkeypatch):
+    from fastrefine.chain import run_recipe
+    from fastrefine.recipe import load_recipe
+    from fastrefine import checkpoint as ckpt
+    import fastrefine.round as round_mod
+    saves = []
+    real = round_mod._save
+
+    def spy(*args, **kwargs):
+        saves.append((kwargs["epoch"], kwargs.get("epoch_step", 0)))
+        return real(*args, **kwargs)
+    r = load_recipe(write_recipe(tmp_path, demo_tree, name="every", rounds=PREEMPT_ROUNDS,
+                                 run={"checkpoint_every_steps": 5}))
+    monkeypatch.setattr(round_mod, "_save", spy)
+    run_recipe(r)
+    # 12 steps per epoch: global steps 5, 10 | 15, 20 inside the epochs, and each epoch's end
+    assert saves == [(0, 5), (0, 10), (1, 0), (1, 3), (1, 8), (2, 0)]
+    assert ckpt.load(tmp_path / "runs/every/r0/last.pt").get("epoch_step", 0) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path, demo_tree):
+    """torchrun, 2 gloo processes: SIGTERM to rank 1 alone in the middle of an epoch. The ranks vote, stop
+    after the same step, rank 0 writes last.pt with both ranks' states, each exits 143 with one line.
+    (Resuming a mid-epoch last.pt exactly: the single-process test above; a DDP resume: the elastic test.)"""
+    p = write_recipe(tmp_path, demo_tree, name="pre", rounds='[[rounds]]\nname = "r0"\nepochs = 2\n',
+                     run={"log_every": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = tmp_path / "runs/pre/r0/metrics.jsonl"
+    agent = subprocess.Popen(torchrun("--max-restarts=0", "-m", "fastrefine", "run", str(p)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while (not metrics.exists() or '"kind": "step"' not in metrics.read_text()) and agent.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victim = worker_of_rank(agent.pid, 1)
+        assert victim is not None, "the run ended before its first step record"
+        os.kill(victim, signal.SIGTERM)
+        out, err = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+    assert "exitcode  : 143" in err or "exitcode: 143" in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "stopped by" in ln]
+    assert len(lines) == 2, err[-3000:]                       # one line per rank, the same step
+    assert any("SIGTERM" in ln for ln in lines) and any("another rank" in ln for ln in lines)
+    assert lines[0].split(" at epoch ")[1] == lines[1].split(" at epoch ")[1]
+    from fastrefine import checkpoint as ckpt
+    state = ckpt.load(tmp_path / "runs/pre/r0/last.pt")
+    if state.get("epoch_step"):
+        assert len(state["partial"]) == 2 and len(state["rng"]) == 2
