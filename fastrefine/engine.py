@@ -106,7 +106,7 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
                 after_update: "Callable[[int, Partial], bool] | None" = None) -> EpochResult:
     """Run one epoch of `step`. With `accumulate` = N > 1, N - 1 batches go through `accumulate_step`
     (backward only) and every Nth through `step` (backward, then the update); the epoch's last batch
-    always updates, so no gradient carries into the next epoch. `on_update` runs after each update. Loss and hits are summed on the device and read every `log_every` steps;
+    always updates, so no gradient carries into the next epoch. `on_update` runs after each update. Loss and hits are summed on the device and read once, at the epoch's end; the step's loss is read every `log_every` steps;
     images are counted on the host (a device tensor built per step would be a blocking host-to-device
     copy on CUDA). An epoch cut short (`max_steps`) closes the loader's epoch iterator.
 

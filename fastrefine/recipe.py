@@ -46,7 +46,8 @@ class RunConfig:
     seed: int = _field(0, lo=0, hi=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = _field("auto")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _field(
-        "auto", doc="auto: bf16 on CPU and on GPUs that support it, else fp16")
+        "auto", doc="auto: on the CPU bf16 where it is native (AVX-512 BF16, AMX), else fp32; on CUDA bf16 "
+        "where supported, else fp16")
     compile: bool = _field(False, doc="torch.compile the student and, on its own, the refinery")
     cudnn_benchmark: bool = _field(True, doc="CUDA: let cuDNN pick the fastest kernels for each input shape")
     channels_last: bool = _field(True)
