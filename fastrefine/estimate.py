@@ -85,10 +85,12 @@ def eval_passes(recipe: Recipe, epochs: int) -> int:
     return len({e for e in range(epochs) if (e + 1) % every == 0 or e + 1 == epochs})
 
 
-def _time_train(parts, *, resolution: int, steps: int, warmup: int, epoch: int) -> tuple[float, float]:
+def _time_train(parts, *, resolution: int, steps: int, warmup: int, epoch: int, accumulate: int = 1,
+                sync=lambda: None) -> tuple[float, float]:
     """(seconds per step in the steady state, seconds an epoch takes to start) of engine.train_epoch at
     `resolution`. One epoch runs `warmup` + `steps` steps and the last `steps` are timed, step by step
-    (the step callback's clock); a second epoch of two steps gives the start-up each epoch pays (the
+    (the step callback's clock, after `sync`: on CUDA the host would otherwise run ahead of the device);
+    a second epoch of two steps gives the start-up each epoch pays (the
     loader's first batch, beyond one step), which the first epoch's one-time costs would inflate."""
     from .engine import train_epoch
     loader = parts.train_loader
@@ -97,9 +99,12 @@ def _time_train(parts, *, resolution: int, steps: int, warmup: int, epoch: int) 
     def run(n: int, e: int) -> list[float]:
         loader.set_epoch(e)
         stamps = [time.perf_counter()]
+        # as run_round calls it: accumulation and the EMA's update after each optimizer step included
         train_epoch(loader, step=parts.step, optimizer=parts.optimizer, lr_fn=lambda _: parts.lr, epoch=e,
                     steps_per_epoch=max(1, len(loader)), max_steps=n, log_every=1 << 30,
-                    on_step=lambda _n: stamps.append(time.perf_counter()))
+                    on_step=lambda _n: (sync(), stamps.append(time.perf_counter())),
+                    accumulate=accumulate, accumulate_step=parts.accumulate_step,
+                    on_update=parts.ema.update if parts.ema is not None else lambda: None)
         return stamps
 
     stamps = run(warmup + steps, epoch)
@@ -133,6 +138,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
     """Per round and for the chain: seconds per step, minutes per epoch and in all; and the assumptions."""
     from .chain import _selected, check_plan, make_env, run_dir_of
     from .distributed import Dist
+    from .bench.protocol import make_sync, pick_device
     from .round import build_round, val_resolution
     if steps < 1 or warmup < 0:
         raise UsageError(f"--estimate-steps must be >= 1 and --estimate-warmup >= 0, got {steps} and {warmup}")
@@ -156,7 +162,6 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
 
     env = None
     if throughput is None:
-        from .bench.protocol import pick_device
         device = pick_device(recipe.run.device)
         env = make_env(recipe, Dist(), device)
     rounds: list[RoundEstimate] = []
@@ -165,7 +170,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
         name, opts = recipe.round_model(rd)
         res_epochs = resolution_epochs(recipe, rd.epochs)
         passes = eval_passes(recipe, rd.epochs)
-        timings, val_s, ref_val_s = [], None, None
+        timings, val_s, ref_val_s, notes = [], None, None, []
         refinery_desc = "?"
         if env is None:
             s_step = lc.batch_size * procs / throughput
@@ -178,12 +183,16 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
             refinery_desc = parts.refinery_desc
             try:
                 for k, (r, n) in enumerate(res_epochs.items()):
-                    s, start = _time_train(parts, resolution=r, steps=steps, warmup=warmup, epoch=2 * k)
+                    s, start = _time_train(parts, resolution=r, steps=steps, warmup=warmup, epoch=2 * k,
+                                           accumulate=recipe.optim.accumulate, sync=make_sync(env.device))
                     timings.append(ResolutionTiming(r, n, s, f"timed over {steps} steps after {warmup} warm-up",
                                                     epoch_start=start))
                 vb = max(1, min(val_batches, val_per_pass - 1))
                 per, start = _time_val(parts.student, parts.val_loader, autocast=env.precision.autocast, batches=vb)
                 val_s = start + per * val_per_pass
+                if parts.ema is not None:  # run evaluates the EMA weights beside the raw ones: twice the passes
+                    val_s *= 2
+                    notes.append("val passes count the raw and the EMA weights")
                 if parts.refined:
                     batch_mode = recipe.refinery.bn == "batch"
                     per, start = _time_val(parts.refinery.model, parts.val_loader, autocast=env.precision.autocast,
@@ -193,7 +202,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
                 parts.close()
         est = RoundEstimate(name=rd.name, model=name + (f" {opts}" if opts else ""), refinery=refinery_desc,
                             epochs=rd.epochs, steps_per_epoch=steps_per_epoch, timings=timings, val_passes=passes,
-                            val_seconds_per_pass=val_s, refinery_val_seconds=ref_val_s)
+                            val_seconds_per_pass=val_s, refinery_val_seconds=ref_val_s, notes=notes)
         est.train_seconds = sum(t.epoch_seconds(steps_per_epoch) * t.epochs for t in timings)
         est.val_seconds = (val_s or 0.0) * passes + (ref_val_s or 0.0)
         rounds.append(est)
@@ -256,7 +265,8 @@ def render(est: dict) -> list[str]:
         if r.val_seconds_per_pass is not None:
             extra = (f" + the refinery's own val pass {_minutes(r.refinery_val_seconds)}"
                      if r.refinery_val_seconds is not None else "")
-            lines.append(f"  val: {_minutes(r.val_seconds_per_pass)}/pass x {r.val_passes}{extra}")
+            lines.append(f"  val: {_minutes(r.val_seconds_per_pass)}/pass x {r.val_passes}{extra}"
+                         + "".join(f" ({n})" for n in r.notes))
         lines.append(f"  round: {_minutes(r.seconds)} (train {_minutes(r.train_seconds)}, val {_minutes(r.val_seconds)})")
     lines.append(f"chain: {len(est['rounds'])} round(s), {sum(r.epochs for r in est['rounds'])} epochs, "
                  f"{_minutes(est['seconds'])}")
