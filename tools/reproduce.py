@@ -23,6 +23,11 @@ student refined by its own labels round, also seed_from "labels"); prints the pa
 
     .venv/bin/python tools/reproduce.py --quickstart --seeds 0 1 2 --out runs/quickstart-seeds
 Writes OUT/results.json and OUT/results.md (the tables), and with --docs DIR the plots DIR/results-*.png.
+
+--scenes: the scene study instead (tools/scenes_study.py, its options follow): self-refinement chains,
+crop vs whole-image refinery, jittering and the number of objects per scene, on tools/make_scenes.py data.
+
+    .venv/bin/python tools/reproduce.py --scenes --objects 2 4 1 --seeds 0 1 2 --out runs/scenes
 """
 
 from __future__ import annotations
@@ -334,7 +339,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scenes" in argv:  # the scene study: its own options (tools/scenes_study.py --help)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import scenes_study
+        return scenes_study.main([x for x in argv if x != "--scenes"])
+    a = parse(argv)
     a.out = a.out.resolve()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
