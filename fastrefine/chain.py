@@ -10,6 +10,7 @@ refinery checkpoints, torchvision refineries, earlier rounds) is checked before 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -30,6 +31,8 @@ log = logging.getLogger("fastrefine")
 
 
 def run_dir_of(recipe: Recipe) -> Path:
+    from .runfolder import check_run_name
+    check_run_name(recipe.run.name)
     return Path(recipe.run.out) / recipe.run.name
 
 
@@ -192,14 +195,18 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
         from .tensorboard import require
         require()  # a missing tensorboard is a one-line error before any round trains
     dist_info, device = init_distributed(recipe.run.device)
+    folder = contextlib.ExitStack()
     try:
         env = make_env(recipe, dist_info, device, console=console)
-        if dist_info.is_main:
+
+        def prepare() -> None:  # rank 0, holding the run folder's lock
             if restart and run_dir.exists():
                 log.info("--restart: moved the old run folder to %s", _archive(run_dir))
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.write_text(run_dir / "recipe.toml", to_toml(recipe_to_dict(recipe)))
-        dist_info.barrier()
+
+        from .runfolder import claim
+        folder.enter_context(claim(run_dir, dist=dist_info, out=recipe.run.out, restart=restart, prepare=prepare))
         rows = []
         with env.stop.installed():  # SIGTERM/SIGUSR1: the step finishes, last.pt is written, exit 143
             for i in selected:
@@ -219,4 +226,5 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
             console.print(summary_table(all_rows, title=f"{recipe.run.name}: {run_dir}"))
         return rows
     finally:
+        folder.close()      # the run folder's lock, released however the run ends
         shutdown(dist_info)

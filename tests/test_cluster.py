@@ -196,3 +196,25 @@ def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path, demo_tr
     state = ckpt.load(tmp_path / "runs/pre/r0/last.pt")
     if state.get("epoch_step"):
         assert len(state["partial"]) == 2 and len(state["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_run_folder_stop_at_start_naming_run_out(tmp_path, demo_tree):
+    """Two ranks, each with its own run.out (as two nodes with local disks would have): rank 1 does not see
+    the token rank 0 wrote; both stop before any round trains, with one line naming run.out."""
+    p = write_recipe(tmp_path, demo_tree, name="split", rounds='[[rounds]]\nname = "r0"\nepochs = 1\n')
+    script = tmp_path / "per_rank_out.py"
+    script.write_text(
+        "import os, sys\n"
+        "from fastrefine.cli import main\n"
+        f"sys.argv = ['fastrefine', 'run', {str(p)!r}, '--set', "
+        f"'run.out={tmp_path}/node' + os.environ['RANK'] + '/runs']\n"
+        "main()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(torchrun("--max-restarts=0", str(script)), capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2, res.stderr[-3000:]    # every rank stops, each with the same one line
+    assert all("run.out = " in ln and "rank 1 on" in ln and "does not see the run folder" in ln for ln in lines)
+    assert not (tmp_path / "node0/runs/split/r0").exists()   # nothing trained

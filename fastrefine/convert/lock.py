@@ -35,11 +35,13 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def out_lock(out: Path) -> Iterator[Path]:
+def out_lock(out: Path, *, name: str = LOCK_NAME, taken: str = "another convert is writing into it",
+             advice: str = "wait for it to finish or choose another OUT") -> Iterator[Path]:
     """Hold the exclusive lock on `out` (which must exist); UsageError naming the holder if taken, RunError
-    naming the file when it cannot be created or written (a full disk, no permission)."""
-    path = Path(out) / LOCK_NAME
-    fd = _locked_fd(path, out=out)
+    naming the file when it cannot be created or written (a full disk, no permission). `name`, `taken` and
+    `advice` let `fastrefine run` lock a run folder the same way (fastrefine/runfolder.py)."""
+    path = Path(out) / name
+    fd = _locked_fd(path, out=out, taken=taken, advice=advice)
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
@@ -57,7 +59,7 @@ def out_lock(out: Path) -> Iterator[Path]:
         os.close(fd)        # closing the only descriptor releases the flock
 
 
-def _locked_fd(path: Path, *, out: Path, tries: int = 20) -> int:
+def _locked_fd(path: Path, *, out: Path, taken: str, advice: str, tries: int = 20) -> int:
     """A descriptor holding the flock on the file that `path` names now (not on one deleted meanwhile)."""
     for _ in range(tries):
         try:
@@ -69,8 +71,7 @@ def _locked_fd(path: Path, *, out: Path, tries: int = 20) -> int:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise UsageError(f"{out}: another convert is writing into it ({holder}); wait for it "
-                             f"to finish or choose another OUT") from None
+            raise UsageError(f"{out}: {taken} ({holder}); {advice}") from None
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:

@@ -1,0 +1,55 @@
+"""The run folder at start (fastrefine/runfolder.py): one run at a time, a name that stays inside run.out,
+a run.out that can be written, temporaries of killed writers removed. docs/survival.md lists each case."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastrefine.chain import run_recipe
+from fastrefine.convert.lock import out_lock
+from fastrefine.errors import UsageError
+from fastrefine.recipe import load_recipe
+from fastrefine.runfolder import lock_path
+from helpers import write_recipe
+
+ONE = '[[rounds]]\nname = "r0"\nepochs = 1\n'
+QUICK = ["run.max_steps_per_epoch=2", "run.max_val_batches=1"]
+
+
+def test_a_second_run_of_the_same_folder_is_refused_naming_the_holder(tmp_path, demo_tree):
+    r = load_recipe(write_recipe(tmp_path, demo_tree, name="twice", rounds=ONE), QUICK)
+    (tmp_path / "runs").mkdir()
+    held = lock_path(tmp_path / "runs/twice")
+    with out_lock(held.parent, name=held.name):        # what the first run holds while it trains
+        with pytest.raises(UsageError, match=r"runs: run folder 'twice' is in use by another run \(PID \d+ on .*\); wait"):
+            run_recipe(r)
+    assert not (tmp_path / "runs/twice/r0").exists()   # nothing trained, nothing written
+    run_recipe(r)                                       # the lock is released with its holder
+    assert (tmp_path / "runs/twice/r0/done.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["", " ", "..", "../escape", "a/b", "."])
+def test_run_name_must_be_one_folder_name(tmp_path, demo_tree, name):
+    r = load_recipe(write_recipe(tmp_path, demo_tree, name="n", rounds=ONE), [f"run.name={name!r}"])
+    with pytest.raises(UsageError, match=r"run.name = "):
+        run_recipe(r)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_an_unwritable_run_out_is_one_line_naming_it(tmp_path, demo_tree):
+    (tmp_path / "afile").write_text("not a folder")
+    r = load_recipe(write_recipe(tmp_path, demo_tree, name="w", rounds=ONE), [f"run.out='{tmp_path}/afile/runs'"])
+    with pytest.raises(UsageError, match=r"run.out = '.*afile/runs': cannot create .*(Not a directory|File exists)"):
+        run_recipe(r)
+
+
+def test_stale_temporaries_in_the_run_folder_are_removed(tmp_path, demo_tree):
+    r = load_recipe(write_recipe(tmp_path, demo_tree, name="tmp", rounds=ONE), QUICK)
+    run_dir = tmp_path / "runs/tmp"
+    run_dir.mkdir(parents=True)
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = [run_dir / f".recipe.toml.tmp-{dead}", run_dir / f".summary.md.tmp-{dead}"]
+    for p in stale:
+        p.write_text("half")
+    run_recipe(r)
+    assert not any(p.exists() for p in stale)
