@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .distributed import Dist, init_distributed, shutdown
 from .environment import usable_cores
 from .errors import UsageError
+from .interrupt import Position
 from .precision import resolve_precision
 from .recipe import Recipe, global_batch, recipe_to_dict, round_index, round_lr, round_refinery, round_seed, to_toml
 from .round import RoundEnv, ThreadPlan, refinery_source, run_round
@@ -167,7 +168,8 @@ def _archive(run_dir: Path) -> Path:
 
 # -------------------------------------------------------------------------------------------- run
 
-def make_env(recipe: Recipe, dist_info: Dist, device: torch.device, *, console: Console | None = None) -> RoundEnv:
+def make_env(recipe: Recipe, dist_info: Dist, device: torch.device, *, console: Console | None = None,
+             position: Position | None = None) -> RoundEnv:
     """The per-process decisions every round shares: precision, classes, the thread split (applied here)."""
     precision = resolve_precision(recipe.run.precision, device)
     if device.type == "cuda":
@@ -181,12 +183,13 @@ def make_env(recipe: Recipe, dist_info: Dist, device: torch.device, *, console: 
     num_classes, names = dataset_classes(recipe)
     return RoundEnv(recipe=recipe, dist=dist_info, device=device, precision=precision, run_dir=run_dir_of(recipe),
                     num_classes=num_classes, class_names=names, threads=threads, console=console or Console(),
-                    backend=backend, backend_reason=reason)
+                    backend=backend, backend_reason=reason, position=position or Position())
 
 
 def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None,
-               console: Console | None = None) -> list[dict]:
-    """Run the recipe's rounds in order; returns one summary dict per round run or skipped."""
+               console: Console | None = None, position: Position | None = None) -> list[dict]:
+    """Run the recipe's rounds in order; returns one summary dict per round run or skipped. `position`
+    (interrupt.Position) is kept up to date with the round, epoch and step in progress."""
     console = console or Console()
     selected = _selected(recipe, only)
     run_dir = run_dir_of(recipe)
@@ -197,7 +200,7 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
     dist_info, device = init_distributed(recipe.run.device)
     folder = contextlib.ExitStack()
     try:
-        env = make_env(recipe, dist_info, device, console=console)
+        env = make_env(recipe, dist_info, device, console=console, position=position)
 
         def prepare() -> None:  # rank 0, holding the run folder's lock
             if restart and run_dir.exists():

@@ -90,9 +90,12 @@ def _root(ctx: typer.Context,
           debug: bool = typer.Option(False, "--debug", help="Print full tracebacks on errors."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log.")):
     ctx.obj = {"debug": debug}
-    from rich.logging import RichHandler
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False, markup=False)], force=True)
+    if err.is_terminal:
+        from rich.logging import RichHandler
+        handler, fmt = RichHandler(console=err, show_path=False, markup=False), "%(message)s"
+    else:  # a log file or a pipe: one plain line per message, not wrapped at 80 columns
+        handler, fmt = logging.StreamHandler(), "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format=fmt, handlers=[handler], force=True)
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -188,7 +191,12 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
         out.print(describe_plan(r, restart=restart, only=only, world_size=int(os.environ.get("WORLD_SIZE", "1"))),
                   highlight=False, markup=False)
         return
-    run_recipe(r, restart=restart, only=only, console=out)
+    from .interrupt import Position, report
+    position = Position()
+    try:
+        run_recipe(r, restart=restart, only=only, console=out, position=position)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, exit 130 (SIGTERM: preempt.py, exit 143)
+        raise typer.Exit(report(position, e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- doctor

@@ -55,7 +55,8 @@ class RunConfig:
     eval_every: int = _field(1, lo=1, doc="epochs between evaluations (the last epoch is always evaluated)")
     max_steps_per_epoch: int | None = _field(None, lo=1, doc="not set: the whole epoch; set: epochs cut short (smoke tests)")
     max_val_batches: int | None = _field(None, lo=1, doc="not set: the whole val split")
-    progress: bool = _field(True, doc="progress bars")
+    progress: bool = _field(True, doc="progress bars on a terminal; one plain line per epoch (and per log_every "
+                            "steps) when the output is a file or a pipe")
     tensorboard: bool = _field(False, doc="also write the metrics.jsonl records as TensorBoard event files under "
                                "the round's folder (needs the tensorboard extra)")
     ema: float | None = _field(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="not set: off; set: keep an exponential "

@@ -26,6 +26,7 @@ from .distributed import Dist
 from .engine import build_accumulate_step, build_step, evaluate, train_epoch
 from .ema import WeightEma
 from .errors import RunError, UsageError
+from .interrupt import Position, deferred
 from .optim import make_clipper, make_optimizer
 from .precision import Precision
 from .preempt import Preempted, StopSignals, StopVote
@@ -60,6 +61,7 @@ class RoundEnv:
     backend: str = "auto"          # the recipe's loader.backend resolved once for the process (chain.make_env)
     backend_reason: str = ""
     stop: StopSignals = field(default_factory=StopSignals)   # SIGTERM/SIGUSR1 requests (preempt.py)
+    position: Position = field(default_factory=Position)  # where training is, for the line Ctrl-C prints
 
 
 @dataclass
@@ -386,6 +388,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
         else:
             log.info("round %s: resuming after epoch %d", rd.name, start_epoch)
     del state
+    env.position.start_round(rd.name, saved_epochs=start_epoch, saved_step=start_step)
     from .runlog import MetricsLog, truncate_to_epoch
     steps_per_epoch = min(max(1, len(parts.train_loader)), r.run.max_steps_per_epoch or 1 << 62)
     metrics = MetricsLog(rdir / "metrics.jsonl", enabled=main, round=rd.name)
@@ -401,8 +404,11 @@ def run_round(env: RoundEnv, index: int) -> dict:
     started, last_eval, last_train, seen_threads, last_ema = time.perf_counter(), None, None, [], None
     vote = StopVote(env.stop, env.dist.control, enabled=env.dist.enabled)
     every = r.run.checkpoint_every_steps
-    from .progress import progress_bar
-    with progress_bar(disable=not (main and r.run.progress), console=env.console) as bar, metrics:
+    from .progress import PlainProgress, run_progress
+    bar = run_progress(enabled=main and r.run.progress, console=env.console)
+    if isinstance(bar, PlainProgress):
+        metrics.mirrors.append(bar.step_record)  # a line per log_every steps
+    with bar, metrics:
         for epoch in range(start_epoch, rd.epochs):
             res = train_resolution(r, epoch)
             parts.train_loader.set_epoch(epoch)
@@ -410,10 +416,12 @@ def run_round(env: RoundEnv, index: int) -> dict:
             task = bar.add_task(f"{rd.name} {epoch + 1}/{rd.epochs} {res}px",
                                 total=steps_per_epoch * parts.train_loader.batch_size, info="")
             seen_threads.clear()
+            env.position.start_epoch(epoch, step=start_step)
 
             def on_step(n: int, task=task) -> None:
                 if not seen_threads:  # what the step really ran with, after the loader started its epoch
                     seen_threads.append(torch.get_num_threads())
+                env.position.step += 1
                 bar.advance(task, n)
 
             epoch_base = global_step - start_step   # the round's step count at this epoch's start
@@ -422,8 +430,10 @@ def run_round(env: RoundEnv, index: int) -> dict:
                 """Mid-epoch: stop when every rank agrees a stop was asked; save every N steps."""
                 stopping = vote.poll()
                 if stopping or (every and (epoch_base + next_step) % every == 0):
-                    _save(env, parts, rdir, epoch=epoch, step=epoch_base + next_step, best=best, improved=False,
-                          val_top1=None, epoch_step=next_step, partial=partial)
+                    with deferred():
+                        _save(env, parts, rdir, epoch=epoch, step=epoch_base + next_step, best=best, improved=False,
+                              val_top1=None, epoch_step=next_step, partial=partial)
+                        env.position.saved(epoch, step=next_step)
                 return stopping
 
             if start_step:
@@ -458,13 +468,16 @@ def run_round(env: RoundEnv, index: int) -> dict:
             metrics.write(record)
             improved = "val_top1" in record and record["val_top1"] > best
             best = max(best, record.get("val_top1", best))
-            _save(env, parts, rdir, epoch=epoch + 1, step=global_step, best=best, improved=improved,
-                  val_top1=record.get("val_top1"))
+            with deferred():  # a Ctrl-C or SIGTERM waits for the checkpoint: the line it prints is then exact
+                _save(env, parts, rdir, epoch=epoch + 1, step=global_step, best=best, improved=improved,
+                      val_top1=record.get("val_top1"))
+                env.position.saved(epoch + 1)
             bar.update(task, info=f"loss {result.loss:.3f} train {100 * result.top1:.0f}%"
                        + (f" val {100 * record['val_top1']:.1f}%" if "val_top1" in record else "")
                        + (f" ema {100 * record['ema_val_top1']:.1f}%" if "ema_val_top1" in record else ""))
             if epoch + 1 < rd.epochs and vote.settle():
                 raise Preempted(_stopped_line(env, rdir, epoch=epoch + 1, step=0, of=steps_per_epoch))
+    env.position.epoch = None
     if last_eval is None:  # resumed after the final epoch: evaluate the finished weights for the summary
         last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
         if parts.ema is not None:
