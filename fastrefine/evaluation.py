@@ -73,7 +73,8 @@ def load_checkpoint_model(path: Path) -> LoadedModel:
     path = Path(path)
     model, meta = load_model_from_checkpoint(path, device=torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format).eval()
-    desc = (f"{path} ({meta['model_name']}, round {meta.get('round', '?')}, epoch {meta.get('epoch', '?')}"
+    desc = (f"{path} ({meta['model_name']}" + (", EMA weights" if meta.get("weights") == "ema" else "")
+            + f", round {meta.get('round', '?')}, epoch {meta.get('epoch', '?')}"
             + (f", recorded val top-1 {100 * meta['val_top1']:.2f}%" if meta.get("val_top1") is not None else "")
             + ")")
     return LoadedModel(model=model, spec=str(path), name=meta["model_name"], options=dict(meta["model_options"]),
@@ -196,8 +197,10 @@ def evaluate_model(spec: str, data: Path, *, split: str = "val", resolution: int
         per_class.append({"index": i, "class": names[i] if i < len(names) else str(i),
                           "name": labels[i] if i < len(labels) else str(i), "images": n,
                           "top1": hits / n if n else None})
+    run_cut = loaded.context.recipe.run.max_val_batches if loaded.context.recipe is not None else None
     return {"model": loaded.spec, "model_name": loaded.name, "model_options": loaded.options,
             "description": loaded.description, "recorded_val_top1": loaded.meta.get("val_top1"),
+            "run_max_val_batches": run_cut,
             "data": str(data), "split": split, "images": res["images"], "top1": res["top1"], "top5": res["top5"],
             "loss": res["loss"], "per_class": per_class,
             "settings": {"resolution": s.resolution, "crop_ratio": s.crop_ratio, "batch_size": s.batch_size,
@@ -231,7 +234,11 @@ def render(report: dict, console) -> None:
                   highlight=False, markup=False, soft_wrap=True)
     rec = report.get("recorded_val_top1")
     if rec is not None and report["split"] == "val":
-        console.print(f"recorded val top-1 in the checkpoint: {100 * rec:.2f}%", highlight=False, markup=False, soft_wrap=True)
+        cut = report.get("run_max_val_batches")
+        note = (f" (the run's val was cut to {cut} batches by run.max_val_batches; --max-batches {cut} evaluates "
+                f"the same images)" if cut and cut != s["max_batches"] else "")
+        console.print(f"recorded val top-1 in the checkpoint: {100 * rec:.2f}%{note}", highlight=False, markup=False,
+                      soft_wrap=True)
     shown = [c["class"] if c["name"] == c["class"] else f"{c['class']} {c['name']}" for c in report["per_class"]]
     width = max([len(t) for t in shown] + [5])
     console.print("per-class top-1:", highlight=False, markup=False, soft_wrap=True)

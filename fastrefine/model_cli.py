@@ -20,17 +20,18 @@ def register(app: typer.Typer, *, handle_errors, console) -> None:
                  resolution: Optional[int] = typer.Option(None, "--resolution", min=8, metavar="PX", help="Centre crop size (default: the run's val resolution, else 224)."),
                  crop_ratio: Optional[float] = typer.Option(None, "--crop-ratio", min=0.01, max=1.0, metavar="R", help="Crop / resized shorter side (default: the run's, else 0.875)."),
                  batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help="Images per batch (default: the run's val batch, else 256)."),
-                 backend: Optional[str] = typer.Option(None, "--backend", metavar="auto|torch|dali|ffcv", help="Loader (default: the run's on the run's data, else auto)."),
+                 backend: Optional[str] = typer.Option(None, "--backend", metavar="auto|torch|dali|ffcv", help="Loader (default: the run's on the run's data, else auto; torch for an ImageFolder)."),
                  precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|bf16|fp16|fp32", help="Autocast (default: the run's, else auto)."),
                  device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where the model runs."),
                  weights: str = typer.Option("DEFAULT", "--weights", metavar="NAME|FILE", help="torchvision:NAME only: weights name in the torch hub cache, or a .pth (never downloaded)."),
                  class_map: str = typer.Option("", "--class-map", metavar="FILE", help="torchvision:NAME only: JSON mapping the data's classes to the model's outputs."),
+                 max_batches: Optional[int] = typer.Option(None, "--max-batches", min=1, metavar="N", help="Only the first N batches (as a run's max_val_batches); default: the whole split."),
                  json_out: Optional[Path] = typer.Option(None, "--json", metavar="PATH", help="Also write the report as JSON.")):
         """Top-1, top-5, loss and per-class top-1 of a checkpoint or a torchvision model on a dataset split."""
         from .evaluation import evaluate_model, render
         report = evaluate_model(model, data, split=split, resolution=resolution, crop_ratio=crop_ratio,
                                 batch_size=batch_size, backend=backend, precision=precision, device=device,
-                                weights=weights, class_map=class_map)
+                                weights=weights, class_map=class_map, max_batches=max_batches)
         render(report, console)
         if json_out is not None:
             from .checkpoint import write_json

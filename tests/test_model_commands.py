@@ -70,6 +70,8 @@ def test_eval_settings_from_the_command_line_change_the_result_and_train_split_i
                   "--precision", "fp32")
     assert other["settings"]["resolution"] == 48 and other["settings"]["batch_size"] == 7
     assert other["settings"]["from"]["resolution"] == "command line" and other["images"] == 200
+    cut = _eval(str(trained / "last.pt"), str(demo_tree), "--max-batches", "2")   # as run.max_val_batches = 2
+    assert cut["images"] == 96 and sum(c["images"] for c in cut["per_class"]) == 96
     train = [_eval(str(trained / "last.pt"), str(demo_tree), "--split", "train", "--precision", "fp32")
              for _ in range(2)]
     assert train[0]["images"] == 400                         # every image once, none dropped
