@@ -183,6 +183,14 @@ def _close(batches) -> None:
         close()
 
 
+def _length(loader) -> int | None:
+    """Batches the loader yields in a full pass (this rank's), or None when it does not say."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def _host_count(n: int, device: torch.device) -> torch.Tensor:
     """The host's image count as a 1-element tensor on `device`, copied without a blocking transfer
     (pinned memory, non_blocking) so that it can join the device sums for one all-reduce."""
@@ -209,10 +217,11 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
     if set_eval:
         model.eval()
     sums = None
-    seen = 0
+    seen = done = 0
     batches = iter(loader)
     try:
         for i, (images, labels) in enumerate(batches):
+            done = i + 1
             with torch.inference_mode():
                 with autocast():
                     logits = model(images)
@@ -236,7 +245,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast: Callable, max_batc
         raise RunError("the val loader yielded no batch")
     totals = all_reduce(torch.cat([sums.clone(), _host_count(seen, sums.device)])).tolist()  # one sync per evaluation
     loss, top1, top5, n = totals[:3] + totals[-1:]
-    out = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(n)}
+    out = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(n), "batches": done,
+           "total_batches": _length(loader)}
     if num_classes is not None:
         per = totals[3:-1]
         out["class_images"] = [int(v) for v in per[:num_classes]]

@@ -180,9 +180,11 @@ SUMMARY_COLUMNS = [("round", "round"), ("model", "model"), ("refinery", "refiner
                    ("gap", "gap"), ("minutes", "min")]
 
 
-def _cell(key: str, value) -> str:
+def _cell(key: str, value, row: dict | None = None) -> str:
     if value is None:
         return "-"
+    if key == "val_top1" and row and row.get("val_batches"):  # run.max_val_batches cut the val pass
+        return f"{100 * value:.2f}*"
     if key in ("refinery_val_top1", "train_top1", "val_top1", "val_top5", "best_val_top1", "ema_val_top1", "gap"):
         return f"{100 * value:.2f}"
     if key == "minutes":
@@ -204,8 +206,18 @@ def summary_markdown(rows: list[dict], *, title: str) -> str:
              "training crops, against the dataset's labels: the paper's train/test gap) and val top-1/top-5.",
              "", head, sep]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in columns) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append("| " + " | ".join(_cell(k, r.get(k), r) for k, _ in columns) + " |")
+    cut = cut_note(rows)
+    return "\n".join(lines + ([""] + [cut] if cut else [])) + "\n"
+
+
+def cut_note(rows: list[dict]) -> str:
+    """The footnote of val figures marked *: e.g. "* val 64/80: ..." (empty when no val pass was cut)."""
+    cut = [f"{r['round']} val {r['val_batches']}" for r in rows if r.get("val_batches")]
+    if not cut:
+        return ""
+    return ("* " + ", ".join(cut) + " batches: run.max_val_batches cut the val pass, so these val figures cover "
+            "part of the val split only")
 
 
 # the screen table leaves out what fits only in summary.md (top-5, best) so that it reads in 80 columns
@@ -216,17 +228,20 @@ SCREEN_COLUMNS = ("round", "model", "refinery", "epochs", "refinery_val_top1", "
 def summary_table(rows: list[dict], *, title: str):
     from rich import box
     from rich.table import Table
-    t = Table(title=title, caption="accuracies in %; train: on augmented crops vs the labels",
+    caption = "accuracies in %; train: on augmented crops vs the labels"
+    if cut_note(rows):
+        caption += "\n" + cut_note(rows)
+    t = Table(title=title, caption=caption,
               box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     columns = [(k, h) for k, h in _columns(rows) if k in SCREEN_COLUMNS]
     # the refinery's architecture is in summary.md; on screen its round or checkpoint is enough
-    cells = [[_cell(k, r.get(k)) if k != "refinery" else str(r.get(k, "-")).split(" (")[0]
+    cells = [[_cell(k, r.get(k), r) if k != "refinery" else str(r.get(k, "-")).split(" (")[0]
               for k, _ in columns] for r in rows]
     for i, (key, h) in enumerate(columns):
         widest = max([len(h)] + [len(c[i]) for c in cells])
         text = key in ("round", "model", "refinery")
         t.add_column(h, justify="left" if text else "right", overflow="fold",
-                     min_width=min(widest, 24) if text else len(h))
+                     min_width=min(widest, 24) if text else widest)
     for row in cells:
         t.add_row(*row)
     return t

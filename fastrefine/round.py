@@ -459,7 +459,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
             if (epoch + 1) % r.run.eval_every == 0 or epoch + 1 == rd.epochs:
                 last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
                 record.update(val_loss=last_eval["loss"], val_top1=last_eval["top1"], val_top5=last_eval["top5"],
-                              val_images=last_eval["images"])
+                              val_images=last_eval["images"], **val_cut(last_eval))
                 if parts.ema is not None:
                     last_ema = evaluate(parts.ema.module, parts.val_loader, autocast=ac, max_batches=max_val,
                                         all_reduce=reduce)
@@ -517,6 +517,7 @@ def _evaluate_refinery(env: RoundEnv, parts: RoundParts, metrics, reduce) -> dic
         if batch_mode and hasattr(loader, "close"):
             loader.close()
     metrics.write({"kind": "refinery", "val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"],
+                   **val_cut(res),
                    "shuffled_val": batch_mode})
     return res
 
@@ -591,7 +592,15 @@ def _summary(env, parts, rd, refinery_val, last_train, last_eval, best, started)
             "train_top1": train_top1, "val_top1": last_eval["top1"], "val_top5": last_eval["top5"],
             "val_loss": last_eval["loss"], "best_val_top1": max(best, last_eval["top1"]),
             "gap": (train_top1 - last_eval["top1"]) if train_top1 is not None else None,
-            "minutes": (time.perf_counter() - started) / 60, "backend": parts.backend}
+            "minutes": (time.perf_counter() - started) / 60, "backend": parts.backend,
+            "val_batches": val_cut(last_eval).get("val_batches")}
+
+
+def val_cut(result: dict) -> dict:
+    """{"val_batches": "64/80"} when run.max_val_batches cut the val pass short (batches done / in a full
+    pass), else {}: the record and the summary say that such a val top-1 is not the whole split's."""
+    done, total = result.get("batches"), result.get("total_batches")
+    return {"val_batches": f"{done}/{total}"} if done and total and done < total else {}
 
 
 def _finish(env: RoundEnv, parts: RoundParts, rdir: Path, summary: dict) -> None:

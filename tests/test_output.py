@@ -111,3 +111,32 @@ def test_a_signal_during_a_save_waits_for_the_save():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert done == ["saved"]
+
+
+def test_a_val_cut_short_is_marked_in_the_records_table_and_summary(tmp_path, demo_tree):
+    from rich.console import Console as RichConsole
+
+    from fastrefine.chain import run_recipe
+    from fastrefine.recipe import load_recipe
+    from fastrefine.report import summary_table
+    rounds = '[[rounds]]\nname = "r0"\nepochs = 1\n[[rounds]]\nname = "r1"\nepochs = 1\n'
+    p = write_recipe(tmp_path, demo_tree, name="cut", run={"max_steps_per_epoch": 2, "max_val_batches": 2},
+                     rounds=rounds)
+    rows = run_recipe(load_recipe(p))
+    # demo_tree's val split: 200 images, 7 batches of 32; 2 evaluated
+    assert [r["val_batches"] for r in rows] == ["2/7", "2/7"]
+    run = tmp_path / "runs/cut"
+    records = [json.loads(x) for x in (run / "r1/metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "refinery" and records[0]["val_batches"] == "2/7"
+    assert [m["val_batches"] for m in records if m["kind"] == "epoch"] == ["2/7"]
+    md = (run / "summary.md").read_text()
+    assert f"| {100 * rows[0]['val_top1']:.2f}* |" in md
+    assert "* r0 val 2/7, r1 val 2/7 batches: run.max_val_batches cut the val pass" in md
+    screen = RichConsole(width=80, record=True)
+    screen.print(summary_table(rows, title="cut"))
+    text = screen.export_text()
+    assert f"{100 * rows[0]['val_top1']:.2f}*" in text and "r0 val 2/7" in text
+    # the whole val split: no mark
+    rows = run_recipe(load_recipe(p, ["run.name=whole", "run.max_val_batches=7"]))
+    assert [r["val_batches"] for r in rows] == [None, None]
+    assert "*" not in (tmp_path / "runs/whole/summary.md").read_text()
