@@ -144,6 +144,9 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
         raise UsageError(f"--estimate-steps must be >= 1 and --estimate-warmup >= 0, got {steps} and {warmup}")
     if throughput is not None and throughput <= 0:
         raise UsageError(f"--throughput: expected images/s > 0, got {throughput}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        raise UsageError("--estimate times one process: start it without torchrun, with --processes N for the "
+                         "number of processes the run will have")
     procs = processes or int(os.environ.get("WORLD_SIZE", "1"))
     selected = _selected(recipe, only)
     check_plan(recipe, selected=selected, run_dir=run_dir_of(recipe))

@@ -75,9 +75,10 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str = "pt2", resoluti
     from .round import val_resolution
     if fmt not in FORMATS:
         raise UsageError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
-        raise UsageError("--format onnx needs the onnx package (pip install onnx onnxscript); "
-                         "the default --format pt2 needs torch alone")
+    missing = [m for m in ("onnx", "onnxscript") if fmt == "onnx" and importlib.util.find_spec(m) is None]
+    if missing:  # torch's ONNX exporter writes through onnxscript and onnx
+        raise UsageError(f"--format onnx needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''} "
+                         f"(pip install onnx onnxscript); the default --format pt2 needs torch alone")
     out = Path(out)
     loaded = load_checkpoint_model(Path(checkpoint))
     model = loaded.model.float().eval()

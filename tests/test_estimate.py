@@ -71,6 +71,13 @@ def test_throughput_projects_without_timing(recipe_path, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_estimate_refuses_to_run_under_torchrun(recipe_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = runner.invoke(app, ["run", str(recipe_path), "--estimate"])
+    assert res.exit_code == 2 and "--processes N" in res.output, res.output
+
+
 def test_estimate_options_need_estimate(recipe_path):
     res = runner.invoke(app, ["run", str(recipe_path), "--throughput", "100"])
     assert res.exit_code == 2 and "--estimate" in res.output

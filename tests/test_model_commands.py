@@ -210,26 +210,12 @@ def test_export_torchvision_architecture_rebuilds_with_torchvision(tmp_path):
     assert "darknet.py" in rebuild_recipe("darknet19", {}, 1000)["needs"]
 
 
-def test_export_onnx_without_onnx_is_one_line(trained, tmp_path):
+def test_export_onnx_without_onnx_is_one_line(trained, tmp_path, monkeypatch):
     import importlib.util
-    if importlib.util.find_spec("onnx") is not None:
-        pytest.skip("onnx is installed here: the missing-package message cannot be shown")
+    real = importlib.util.find_spec
+    # as on a machine without them, whether or not this one has them
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in ("onnx", "onnxscript") else real(name, *a, **k))
     res = runner.invoke(app, ["export", str(trained / "last.pt"), str(tmp_path / "m.onnx"), "--format", "onnx"])
-    assert res.exit_code == 2 and "onnx package" in res.output and not (tmp_path / "m.onnx").exists()
-
-
-def test_train_split_without_augmentation_is_the_same_whatever_the_seed(demo_tree):
-    """What `eval --split train` reads: LoaderOptions.augment=False gives the val transform on the train
-    split (no seeded random crop or flip), so two seeds give the same images; the train transform does not."""
-    from fastrefine.loaders import build
-
-    def first_batch(seed: int, **extra):
-        loader = build(data=demo_tree, backend="torch", split="train", batch_size=16, resolution=32,
-                       device=torch.device("cpu"), workers=0, seed=seed, shuffle=False, drop_last=False, **extra)
-        try:
-            return next(iter(loader))[0]
-        finally:
-            loader.close()
-
-    assert torch.equal(first_batch(0, augment=False), first_batch(1, augment=False))
-    assert not torch.equal(first_batch(0), first_batch(1))
+    assert res.exit_code == 2 and "needs the onnx and onnxscript packages" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
