@@ -167,3 +167,10 @@ def test_the_checks_themselves_catch_a_missing_line(monkeypatch):
     assert "`batch_size`" in rows["loader"] and "progressive" in rows["loader"]
     assert ("loader", "batch_size", False) in recipe_keys() and ("loader", "start", True) in recipe_keys()
     assert ("loader.ffcv", "decoder", False) in recipe_keys() and ("refinery", "epsilon", True) in recipe_keys()
+
+
+def test_the_recipe_table_names_every_model():
+    from fastrefine.models import list_models
+    row = recipe_rows()["model"]
+    missing = [m for m in list_models() if not re.search(rf"(?<![\w]){re.escape(m)}(?![\w])", row)]
+    assert not missing, f"README.md, the [model] row of the recipe table does not name {missing}"
