@@ -12,7 +12,6 @@ top-5 next to the ground-truth label (the image's parent folder, when it names a
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,27 +109,23 @@ def output_path(out: Path | None, image: Path) -> Path:
 
 def sample_boxes(*, width: int, height: int, crops: int, seed: int, scale=DEFAULT_SCALE,
                  ratio=DEFAULT_RATIO) -> list[tuple[int, int, int, int]]:
-    """`crops` RandomResizedCrop boxes (left, top, width, height), drawn like the training loaders."""
-    from fastrefine.loaders.torch import sample_crop
-    rng = random.Random(seed)
-    boxes = []
-    for _ in range(crops):
-        top, left, h, w = sample_crop(rng, width, height, scale, ratio)
-        boxes.append((left, top, w, h))
-    return boxes
+    """`crops` RandomResizedCrop boxes (left, top, width, height), drawn by the training loaders' sampler
+    (samples 0 .. crops - 1 of epoch 0 under `seed`)."""
+    from fastrefine.loaders.crop_sampler import draw_boxes
+    boxes = draw_boxes(seed=seed, epoch=0, indices=range(crops), heights=height, widths=width, scale=scale, ratio=ratio)
+    return [(int(left), int(top), int(w), int(h)) for top, left, h, w in boxes]
 
 
 def crop_tensor(img, box: tuple[int, int, int, int], *, resolution: int) -> torch.Tensor:
     """One crop as the model sees it: resized to resolution x resolution, normalised, batch of 1."""
     import torchvision.transforms.functional as TF
 
-    from fastrefine.loaders import IMAGENET_MEAN, IMAGENET_STD
+    from fastrefine.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalization
     left, top, w, h = box
     crop = TF.resized_crop(img, top, left, h, w, [resolution, resolution], antialias=True)
-    x = TF.pil_to_tensor(crop).float().div(255).unsqueeze(0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    scale, shift = Normalization(IMAGENET_MEAN, IMAGENET_STD).scale_shift_tensors()
+    x = torch.addcmul(shift, TF.pil_to_tensor(crop).float().unsqueeze(0), scale)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def shown_side(resolution: int) -> int:

@@ -18,7 +18,10 @@ A converted dataset folder OUT holds `OUT/manifest.json`:
           "dali": {"format": "webdataset",
                    "shards": ["dali/train-00000.tar", ...],    # relative to OUT
                    "index": ["dali/train-00000.idx", ...],     # DALI's wds index, same order
-                   "ext": ["jpg", "cls"]},                     # image, label (ASCII digits)
+                   "ext": ["jpg", "cls"],                      # image, label (ASCII digits)
+                   "sizes": "dali/train.sizes.npy"},           # int32 (count, 2): height, width per
+                                                               # image, in shard order (optional: read
+                                                               # from the JPEG headers when absent)
           "folder": "train"                       # optional: an ImageFolder tree, relative to SOURCE
         },
         "val": {...}

@@ -3,8 +3,8 @@
 
 A batch of encoded images (uint8 CPU tensors) is decoded in one call to `torchvision.io.decode_jpeg(
 list, device=...)`: nvJPEG's batched decoder on CUDA, libjpeg-turbo on the CPU (the same code, so CI
-tests it). Then, for the whole batch at once: each image's crop box (train: RandomResizedCrop drawn per
-(seed, epoch, sample), as the host path; val: the box that "resize the shorter side to
+tests it). Then, for the whole batch at once: each image's crop box (train: the shared sampler's
+RandomResizedCrop per (seed, epoch, sample), as the host path; val: the box that "resize the shorter side to
 round(r / val_crop_ratio), center crop r" takes from the original) is cut out and resized to r x r by
 one `torchvision.ops.roi_align` call over the images padded into one canvas (`aligned=True`, pixel
 centres at +0.5 as in PIL and torchvision's resize; `sampling_ratio=-1`: ceil(box / r) x ceil(box / r)
@@ -22,8 +22,6 @@ import warnings
 import torch
 
 from fastrefine.errors import RunError
-
-from .base import LoaderOptions
 
 CANVAS_BYTES = 512 * 2**20  # images of one roi_align call are padded into one fp32 canvas of at most this
 
@@ -159,13 +157,6 @@ def crop_resize(images: list[torch.Tensor], boxes: list[tuple[float, float, floa
                                     sampling_ratio=-1, aligned=True)
         start = stop
     return out
-
-
-def scale_shift(opts: LoaderOptions, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (1, 3, 1, 1) factors with x * scale + shift == (x / 255 - mean) / std for 0..255 pixels."""
-    mean = torch.tensor(opts.mean, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(opts.std, dtype=torch.float64).view(1, 3, 1, 1)
-    return (1.0 / (255.0 * std)).float().to(device), (-mean / std).float().to(device)
 
 
 def normalize_cast(pixels: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, dtype: torch.dtype,

@@ -8,9 +8,10 @@ DALI's index file beside each tar; labels from the `.cls` members, ASCII digits 
 Order: every epoch one permutation of all N images from (seed, epoch); rank r reads positions r, r+W,
 ... cut to N // W (disjoint ranks, equal step counts, a different share each epoch). Val: rank r reads
 r, r+W, ... in order, a short last batch, every image once across ranks. Crop boxes and flips are drawn
-per (seed, epoch, sample) on the host (`samples.crop_for`, the torch loader's draw), from the JPEG
-header's size, and handed to `fn.decoders.image_slice` (ROI decode) as absolute pixels: an epoch is the
-same whatever happened before it, so a resumed run replays it exactly.
+per (seed, epoch, sample) for the whole batch at once by the shared sampler (`crop_sampler.train_crops`,
+the torch and FFCV backends' draw), from the image sizes the converter recorded (older conversions:
+each JPEG's header), and handed to `fn.decoders.image_slice` (ROI decode) as absolute pixels: an epoch
+is the same whatever happened before it, so a resumed run replays it exactly.
 
 Pipelines: one per resolution, built lazily at the first epoch that needs it and reset between epochs
 (never rebuilt: DALI's memory pools never shrink, and a pipeline built per epoch ran GPUs out of memory
@@ -38,7 +39,8 @@ import torch
 from fastrefine.errors import RunError, UsageError
 
 from .base import LoaderBase, LoaderOptions
-from .samples import SampleTable, ascii_labels, crop_for, epoch_batches, image_size, sample_table, samples_per_rank
+from .crop_sampler import train_crops
+from .samples import SampleTable, ascii_labels, epoch_batches, sample_table, samples_per_rank
 
 __all__ = ["DaliLoader", "ascii_labels", "dali_error_line"]
 
@@ -97,14 +99,12 @@ class EpochFeed:
         labels = [np.array([t.labels[i]], dtype=np.int64) for i in idx]
         if not o.train:
             return blobs, labels
-        anchors, shapes, mirror = [], [], []
-        for i, blob in zip(idx, blobs):
-            width, height = image_size(blob, t.where(int(i)))
-            (top, left, h, w), flip = crop_for(o, epoch=self.epoch, index=int(i), width=width, height=height)
-            anchors.append(np.array([left, top], dtype=np.int32))
-            shapes.append(np.array([w, h], dtype=np.int32))
-            mirror.append(np.array(int(flip), dtype=np.int32))
-        return blobs, labels, anchors, shapes, mirror
+        heights, widths = t.image_sizes(idx, blobs)
+        boxes, flips = train_crops(o, epoch=self.epoch, indices=idx, heights=heights, widths=widths)
+        # dense (B, ...) arrays: DALI takes each as a whole batch
+        anchors = np.ascontiguousarray(boxes[:, [1, 0]], dtype=np.int32)   # (left, top): axis_names "WH"
+        shapes = np.ascontiguousarray(boxes[:, [3, 2]], dtype=np.int32)    # (w, h)
+        return blobs, labels, anchors, shapes, flips.astype(np.int32)
 
 
 def decoder_options(*, device_id: int | None, hw_decoder_load: float, preallocate_width_hint: int,
@@ -125,8 +125,7 @@ def make_pipeline(*, feed: EpochFeed, opts: LoaderOptions, resolution: int, devi
     from nvidia.dali import fn, pipeline_def, types
 
     decoder_device = "cpu" if device_id is None else "mixed"
-    mean = [m * 255 for m in opts.mean]
-    std = [s * 255 for s in opts.std]
+    mean, std = (v.tolist() for v in opts.normalization.pixel_mean_std())
 
     @pipeline_def(batch_size=opts.batch_size, num_threads=max(1, opts.workers), device_id=device_id,
                   seed=(opts.seed * 1_000_003 + opts.rank) % (2**31 - 1), prefetch_queue_depth=prefetch)
@@ -185,16 +184,12 @@ class DaliLoader(LoaderBase):
                  device_memory_padding: int = 16 * 2**20, host_memory_padding: int = 8 * 2**20):
         if opts.device.type not in ("cpu", "cuda"):
             raise UsageError(f"DALI loader: device {opts.device} is neither cpu nor cuda")
-        if not 0 <= opts.rank < opts.world_size:
-            raise UsageError(f"DALI loader: rank {opts.rank} is outside world_size {opts.world_size}")
         if prefetch < 1:
             raise UsageError(f"loader.dali.prefetch must be at least 1, got {prefetch}")
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise UsageError(f"loader.dali.hw_decoder_load must be within [0, 1], got {hw_decoder_load}")
         self.opts = opts
         self.data = Path(data)
-        self.batch_size = opts.batch_size
-        self.resolution = opts.resolution
         self.prefetch = prefetch
         self.device_id = None if opts.device.type == "cpu" else (
             opts.device.index if opts.device.index is not None else torch.cuda.current_device())
@@ -222,18 +217,10 @@ class DaliLoader(LoaderBase):
         return -(-self.num_samples // self.batch_size)
 
     # -- epochs, resolution, pipelines ---------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def start_at(self, batch: int) -> None:
         """The next epoch's iteration starts at its batch `batch` (a resumed mid-epoch checkpoint): the
         same batches and crops as the rest of an uninterrupted epoch."""
         self._start = batch
-
-    def set_resolution(self, resolution: int) -> None:
-        if resolution < 1:
-            raise UsageError(f"DALI loader: resolution must be positive, got {resolution}")
-        self.resolution = resolution  # the pipeline for it is built at the next epoch
 
     def _pipeline(self):
         pipe = self._pipes.get(self.resolution)

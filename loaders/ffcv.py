@@ -75,13 +75,13 @@ from fastrefine import manifest as _manifest
 from fastrefine.errors import RunError, UsageError
 from fastrefine.manifest import MANIFEST_NAME, read_manifest
 
-from .base import LoaderBase, LoaderOptions, shard_indices
+from . import crop_sampler
+from .base import LoaderBase, LoaderOptions, Normalization, shard_indices
 
 log = logging.getLogger("fastrefine.loaders")
 
 ORDERS = ("random", "quasi_random")
 DECODERS = ("fast", "stock")
-STREAM_CROP, STREAM_FLIP = 1, 2  # the independent draws of one sample: its crop box, its flip
 # TurboJPEG's lossless crop wants the window's top-left corner on an MCU boundary (8 px for 4:4:4,
 # 16 for 4:2:0/4:2:2); 16 suits both. Another subsampling makes the call fail and the decoder falls
 # back to decoding the whole image (at the same DCT scale), so nothing is lost but the speed-up.
@@ -125,61 +125,13 @@ def import_ffcv() -> None:
 def kernels():
     """numba-compiled functions shared by the decoder, NormalizeCast, the tests and the benches.
 
-    A counter-based generator: `sample_key(seed, epoch, index, stream)` mixes its inputs with splitmix64's
-    finaliser, `uniform(key, n)` is the n-th draw of that key in [0, 1). Nothing is stateful, so a draw
-    depends on (seed, epoch, sample index) only: not on threads, workers, batch or order."""
+    The crop sampler's own functions (random_box, flip_draw, sample_key, ...) come from
+    `crop_sampler.jitted()`, the numba form of the sampler every backend shares."""
     import numba
 
     jit = numba.njit(nogil=True)
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    m1, m2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-    s30, s27, s31, s11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
-    inv53 = 1.0 / 9007199254740992.0
-
-    @jit
-    def mix(z):
-        z = (z ^ (z >> s30)) * m1
-        z = (z ^ (z >> s27)) * m2
-        return z ^ (z >> s31)
-
-    @jit
-    def sample_key(seed, epoch, index, stream):
-        k = mix(np.uint64(seed) ^ golden)
-        k = mix(k ^ np.uint64(epoch))
-        k = mix(k ^ np.uint64(index))
-        return mix(k ^ np.uint64(stream))
-
-    @jit
-    def uniform(key, n):
-        return np.float64(mix(key + np.uint64(n) * golden) >> s11) * inv53
-
-    @jit
-    def flip_draw(seed, epoch, index, prob):
-        return prob > 0 and uniform(sample_key(seed, epoch, index, STREAM_FLIP), 0) < prob
-
-    @jit
-    def random_box(key, height, width, scale_lo, scale_hi, logr_lo, logr_hi):
-        """torchvision's RandomResizedCrop.get_params: (top, left, h, w); ten tries, then the whole
-        image cut to the ratio range, centred."""
-        area = np.float64(height * width)
-        for t in range(10):
-            target = area * (scale_lo + (scale_hi - scale_lo) * uniform(key, 4 * t))
-            aspect = np.exp(logr_lo + (logr_hi - logr_lo) * uniform(key, 4 * t + 1))
-            w = np.int64(np.rint(np.sqrt(target * aspect)))  # rint: half to even, as Python's round
-            h = np.int64(np.rint(np.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                top = np.int64(uniform(key, 4 * t + 2) * (height - h + 1))
-                left = np.int64(uniform(key, 4 * t + 3) * (width - w + 1))
-                return top, left, h, w
-        in_ratio = width / height
-        lo, hi = np.exp(logr_lo), np.exp(logr_hi)
-        if in_ratio < lo:
-            w, h = np.int64(width), np.int64(np.rint(width / lo))
-        elif in_ratio > hi:
-            h, w = np.int64(height), np.int64(np.rint(height * hi))
-        else:
-            w, h = np.int64(width), np.int64(height)
-        return (height - h) // 2, (width - w) // 2, h, w
+    sampler = crop_sampler.jitted()
+    sample_key, random_box, flip_draw = sampler.sample_key, sampler.random_box, sampler.flip_draw
 
     @jit
     def center_box(height, width, ratio):
@@ -260,43 +212,10 @@ def kernels():
                     img[y, x, c] = img[y, width - 1 - x, c]
                     img[y, width - 1 - x, c] = a
 
-    @jit
-    def boxes(seed, epoch, indices, heights, widths, scale_lo, scale_hi, logr_lo, logr_hi):
-        out = np.empty((len(indices), 4), np.int64)
-        for k in range(len(indices)):
-            key = sample_key(seed, epoch, indices[k], STREAM_CROP)
-            out[k, 0], out[k, 1], out[k, 2], out[k, 3] = random_box(
-                key, np.int64(heights[k]), np.int64(widths[k]), scale_lo, scale_hi, logr_lo, logr_hi)
-        return out
-
-    @jit
-    def flips(seed, epoch, indices, prob):
-        out = np.zeros(len(indices), np.bool_)
-        for k in range(len(indices)):
-            out[k] = flip_draw(seed, epoch, indices[k], prob)
-        return out
-
     import types
-    return types.SimpleNamespace(mix=mix, sample_key=sample_key, uniform=uniform, flip_draw=flip_draw,
-                                 random_box=random_box,
+    return types.SimpleNamespace(sample_key=sample_key, flip_draw=flip_draw, random_box=random_box,
                                  center_box=center_box, dct_eighths=dct_eighths, mirror=mirror,
-                                 area_taps=area_taps, area_resize=area_resize,
-                                 boxes=boxes, flips=flips)
-
-
-def crop_boxes(*, seed: int, epoch: int, indices, heights, widths, scale=(0.08, 1.0),
-               ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """The train boxes (top, left, h, w) the fast decoder draws for these samples in this epoch."""
-    n = len(indices)
-    return kernels().boxes(np.int64(seed), np.int64(epoch), np.asarray(indices, np.uint64),
-                           np.broadcast_to(np.asarray(heights, np.int64), (n,)).copy(),
-                           np.broadcast_to(np.asarray(widths, np.int64), (n,)).copy(),
-                           float(scale[0]), float(scale[1]), float(np.log(ratio[0])), float(np.log(ratio[1])))
-
-
-def flip_draws(*, seed: int, epoch: int, indices, prob: float = 0.5) -> np.ndarray:
-    """Which of these samples are flipped in this epoch (the same draw wherever the flip is applied)."""
-    return kernels().flips(np.int64(seed), np.int64(epoch), np.asarray(indices, np.uint64), float(prob))
+                                 area_taps=area_taps, area_resize=area_resize)
 
 
 # ------------------------------------------------------------------------------------ FFCV operations
@@ -331,11 +250,11 @@ def _as_ffcv_order(order):
     return order
 
 
-def normalize_cast_op(mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, flip_prob: float = 0.0):
-    """An FFCV operation: uint8 HWC images -> (x - mean) / std in `dtype` (fp32, bf16 or fp16), in
-    FFCV's parallel compiled stage, mirrored left-right in the same pass for the samples whose seeded
-    flip draw (seed, epoch, index) comes out below `flip_prob`. `mean`/`std` in pixel units."""
-    return _normalize_cast_class()(np.asarray(mean, np.float32), np.asarray(std, np.float32), dtype, flip_prob)
+def normalize_cast_op(normalization: Normalization, flip_prob: float = 0.0):
+    """An FFCV operation: uint8 HWC images -> (x - mean) / std in `normalization.dtype` (fp32, bf16 or
+    fp16) by its `scale_shift()`, in FFCV's parallel compiled stage, mirrored left-right in the same pass
+    for the samples whose seeded flip draw (seed, epoch, index) comes out below `flip_prob`."""
+    return _normalize_cast_class()(normalization, flip_prob)
 
 
 def crop_decoder_op(output_size: tuple[int, int], *, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -365,12 +284,13 @@ def _normalize_cast_class():
         STORAGE = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.int16}
         epoch_seeded = True  # its last buffer holds (seed, epoch), filled before each epoch
 
-        def __init__(self, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype, flip_prob: float):
+        def __init__(self, normalization: Normalization, flip_prob: float):
             super().__init__()
             self.flip_prob = float(flip_prob)
+            dtype = normalization.dtype
             if dtype not in self.STORAGE:
                 raise UsageError(f"FFCV loader: cannot normalise to {dtype} (fp32, bf16 or fp16)")
-            self.scale, self.shift = (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
+            self.scale, self.shift = normalization.scale_shift()
             self.torch_dtype, self.storage = dtype, np.dtype(self.STORAGE[dtype])
             # fp16 (numba has no CPU half type): the 256 x 3 possible outputs, as their 16 bits
             table = torch.from_numpy(np.arange(256, dtype=np.float32)[:, None] * self.scale + self.shift)
@@ -475,6 +395,7 @@ def _crop_decoder_class():
             s_lo, s_hi = float(self.scale[0]), float(self.scale[1])
             r_lo, r_hi = float(np.log(self.ratio[0])), float(np.log(self.ratio[1]))
             window_below, window_min, mcu = float(WINDOW_BELOW), np.int64(WINDOW_MIN_PIXELS), np.int64(MCU)
+            stream_crop = crop_sampler.STREAM_CROP
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage, params = my_storage
@@ -485,7 +406,7 @@ def _crop_decoder_class():
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height, width = np.int64(field["height"]), np.int64(field["width"])
                     if train:
-                        top, left, h, w = random_box(sample_key(seed, epoch, source_ix, STREAM_CROP),
+                        top, left, h, w = random_box(sample_key(seed, epoch, source_ix, stream_crop),
                                                      height, width, s_lo, s_hi, r_lo, r_hi)
                     else:
                         top, left, h, w = center_box(height, width, center_ratio)
@@ -663,25 +584,18 @@ class FfcvLoader(LoaderBase):
         if normalize_in == "ffcv" and opts.device.type != "cpu":
             raise UsageError("FFCV loader: normalize_in='ffcv' runs on the CPU only (FFCV's GPU "
                              "NormalizeImage needs cupy); use 'torch'")
-        if not 0 <= opts.rank < opts.world_size:
-            raise UsageError(f"FFCV loader: rank {opts.rank} is outside world_size {opts.world_size}")
         if batches_ahead < 1:
             raise UsageError(f"FFCV loader: batches_ahead must be at least 1, got {batches_ahead}")
         self.opts = opts
         data = Path(data)
         self.path = beton_path(data, opts.split)
-        self.batch_size = opts.batch_size
-        self.resolution = opts.resolution
         self.decoder = decoder
         self.workers = max(1, opts.workers)
         self.normalize_in = normalize_in
         self.normalize_on = "host" if normalize_in == "ffcv" else "device"
         self.copy = copy
-        mean = torch.tensor(opts.mean, dtype=torch.float32) * 255
-        std = torch.tensor(opts.std, dtype=torch.float32) * 255
         # (x - mean) / std as one fp32 multiply-add: x * (1/std) + (-mean/std), cast once
-        self._scale = (1.0 / std).view(1, 3, 1, 1).to(opts.device)
-        self._shift = (-mean / std).view(1, 3, 1, 1).to(opts.device)
+        self._scale, self._shift = opts.normalization.scale_shift_tensors(opts.device)
         self._decoder = None
         self._epochs: set = set()
         n = check_beton(self.path, data_dir=data if (data / MANIFEST_NAME).is_file() else None)
@@ -707,7 +621,7 @@ class FfcvLoader(LoaderBase):
             self._decoder = CenterCropRGBImageDecoder((r, r), ratio=o.val_crop_ratio)
         ops = [self._decoder]
         if in_ffcv:
-            ops.append(normalize_cast_op(np.array(o.mean) * 255, np.array(o.std) * 255, o.dtype, flip_prob))
+            ops.append(normalize_cast_op(o.normalization, flip_prob))
         elif flip_prob > 0 and self.decoder == "stock":  # FFCV's own flip (numba's unseeded generator)
             ops.append(RandomHorizontalFlip(flip_prob))
         ops.append(ToTensor())
@@ -761,16 +675,11 @@ class FfcvLoader(LoaderBase):
     def set_epoch(self, epoch: int) -> None:
         self._ffcv().next_epoch = epoch  # FFCV's orders derive the permutation from seed + epoch
 
-    def set_resolution(self, resolution: int) -> None:
+    def _resolution_changed(self) -> None:
         """Change the decoder's output size; FFCV re-plans its buffers and recompiles next epoch."""
-        if resolution < 1:
-            raise UsageError(f"FFCV loader: resolution must be positive, got {resolution}")
-        if resolution == self.resolution:
-            return
         from ffcv.pipeline.compiler import Compiler
         loader = self._ffcv()
-        self.resolution = resolution
-        self._decoder.output_size = (resolution, resolution)
+        self._decoder.output_size = (self.resolution, self.resolution)
         with keep_torch_threads():  # code is generated for this loader's thread count
             Compiler.set_num_threads(self.workers)
             loader.generate_code()  # re-collects the allocation plan, which reads output_size

@@ -9,16 +9,15 @@
 * `rank_order`: one permutation of all N samples per (seed, epoch) for training; rank r takes
   positions r, r+W, ... cut to N // W (disjoint ranks, equal lengths, a new share every epoch, as the
   FFCV loader's RankStrideOrder). Val: rank r reads r, r+W, ... in order (every image once overall).
-* `crop_for`: RandomResizedCrop's box and the flip, drawn from a generator seeded by
-  (seed, epoch, sample index): an epoch is the same whatever the workers, threads or resume point.
+* `SampleTable.image_sizes(indices)`: each image's (height, width), as the converter recorded it (a
+  converted dataset's `sizes` file), else read from the image's header (`image_size`). The crop boxes
+  themselves come from `crop_sampler` (one sampler for every backend).
 """
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from fastrefine.errors import RunError, UsageError
+from fastrefine import manifest as _manifest
 from fastrefine.manifest import MANIFEST_NAME, read_manifest
 
 from .base import LoaderOptions
@@ -58,6 +58,8 @@ class SampleTable:
     offsets: np.ndarray            # int64
     sizes: np.ndarray              # int64
     labels: np.ndarray             # int64
+    heights: np.ndarray | None = None  # int64 per image as the converter recorded it; None: unknown
+    widths: np.ndarray | None = None
     _maps: dict = field(default_factory=dict, repr=False)
     _pid: int = field(default=-1, repr=False)
 
@@ -90,6 +92,19 @@ class SampleTable:
                 mm = self._maps[fid] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(mm, dtype=np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]))
 
+    def image_sizes(self, indices, blobs=None) -> tuple[np.ndarray, np.ndarray]:
+        """(heights, widths) int64 of these images, as stored (EXIF orientation not applied): the sizes
+        the converter recorded, else each image's header (`blobs[k]`, the bytes of image indices[k],
+        when the caller has them already)."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if self.heights is not None:
+            return self.heights[idx], self.widths[idx]
+        heights, widths = np.empty(len(idx), np.int64), np.empty(len(idx), np.int64)
+        for k, i in enumerate(idx):
+            blob = blobs[k] if blobs is not None else self.read(int(i))
+            widths[k], heights[k] = image_size(blob, self.where(int(i)))
+        return heights, widths
+
     def close(self) -> None:
         for mm in self._maps.values():
             try:
@@ -100,14 +115,10 @@ class SampleTable:
 
 
 def check_recorded_files(data: Path, paths) -> None:
-    """`fastrefine.manifest.check_recorded_file(data, path)` for each file when that function exists
-    (it compares a file with the size/checksum the converter recorded and raises naming the file)."""
-    import fastrefine.manifest as manifest_module
-    check = getattr(manifest_module, "check_recorded_file", None)
-    if check is None:
-        return
+    """`fastrefine.manifest.check_recorded_file(data, path)` for each file: its size and sampled checksum
+    against what the converter recorded (raises naming the file)."""
     for p in paths:
-        check(data, Path(p))
+        _manifest.check_recorded_file(data, Path(p))
 
 
 def _parse_index(idx: Path, tar_bytes: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
@@ -176,8 +187,31 @@ def table_from_shards(data: Path, split: str) -> SampleTable:
         if got != list(want):
             raise RunError(f"{data / MANIFEST_NAME}: split {split!r}: the shards' labels count {got[:8]}... "
                            f"per class, the manifest {list(want)[:8]}...")
+    heights, widths = recorded_sizes(manifest, split, count)
     return SampleTable("shards", tuple(map(str, shards)), np.asarray(file_id, np.int32),
-                       np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), labels.astype(np.int64))
+                       np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), labels.astype(np.int64),
+                       heights=heights, widths=widths)
+
+
+def recorded_sizes(manifest, split: str, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The (heights, widths) the converter recorded for the split's shards, in shard order (the
+    manifest's `dali.sizes` file: int32 (count, 2) rows of height, width), or (None, None) for a
+    conversion that recorded none (sizes are then read from each image's header)."""
+    rel = (manifest.split(split).get("dali") or {}).get("sizes")
+    if not rel:
+        return None, None
+    path = manifest.root / rel
+    where = manifest.root / MANIFEST_NAME
+    if not path.is_file():
+        raise UsageError(f"{where}: split {split!r} lists {path}, which does not exist")
+    check_recorded_files(manifest.root, (path,))
+    try:
+        hw = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read the image sizes ({e})") from None
+    if hw.ndim != 2 or hw.shape != (count, 2) or (count and int(hw.min()) < 1):
+        raise UsageError(f"{path}: expected {count} rows of (height, width) >= 1, found shape {hw.shape}")
+    return hw[:, 0].astype(np.int64), hw[:, 1].astype(np.int64)
 
 
 def table_from_folder(root: Path) -> SampleTable:
@@ -277,37 +311,7 @@ def samples_per_rank(n: int, opts: LoaderOptions) -> int:
     return per_rank // opts.batch_size * opts.batch_size if opts.do_drop_last else per_rank
 
 
-# -- crops -------------------------------------------------------------------------------------
-
-def sample_crop(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (top, left, h, w): 10 tries at area/aspect, else the central crop."""
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def crop_for(opts: LoaderOptions, *, epoch: int, index: int, width: int, height: int
-             ) -> tuple[tuple[int, int, int, int], bool]:
-    """Train crop box (top, left, h, w) and flip of sample `index` in `epoch` (ints only in the seed:
-    str hashes vary between processes)."""
-    rng = random.Random(hash((opts.seed, epoch, index)))
-    box = sample_crop(rng, width, height, opts.scale, opts.ratio)
-    return box, rng.random() < opts.flip_prob
-
+# -- image sizes -------------------------------------------------------------------------------
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 

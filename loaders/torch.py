@@ -11,8 +11,9 @@ tars, labels from each `.cls` member: `samples.SampleTable`); the original sourc
   on the device (`batch_decode.py`). The same code runs on the CPU, where CI tests it against the host
   path. `decode="auto"`: device on CUDA, host otherwise.
 
-Augmentation parameters come from a per-sample RNG seeded by (seed, epoch, index) in both modes, so an
-epoch is the same whatever the number of workers, and a resumed run replays it exactly. Order: one
+Crop boxes and flips come from the shared sampler (`crop_sampler.train_crops`, keyed by (seed, epoch,
+index), the same draw as the DALI and FFCV backends) in both modes, so an epoch is the same whatever the
+number of workers, and a resumed run replays it exactly. Order: one
 permutation of all images per (seed, epoch), rank r taking r, r+W, ... (`samples.rank_order`).
 """
 
@@ -22,7 +23,6 @@ import io
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -33,48 +33,65 @@ from fastrefine.preempt import ignore_stop_signals
 
 from . import batch_decode
 from .base import LoaderBase, LoaderOptions, Views
-from .samples import SampleTable, crop_for, epoch_batches, sample_crop, sample_table, samples_per_rank
+from .crop_sampler import train_crops
+from .samples import SampleTable, epoch_batches, sample_table, samples_per_rank
 
-__all__ = ["TorchLoader", "sample_crop", "DECODE_MODES"]
+__all__ = ["TorchLoader", "DECODE_MODES"]
 
 DECODE_MODES = ("auto", "host", "device")
 
 
 class _Samples(Dataset):
-    """Index -> (uint8 CHW image, label) decoded on the host, or (encoded bytes, label, index)."""
+    """A batch of indices -> [(uint8 CHW image, label)] decoded on the host, or [(encoded bytes, label,
+    index)]. Batched (`__getitems__`, which the DataLoader calls with each batch of its batch sampler) so
+    the batch's crops are drawn in one vectorised call."""
 
     def __init__(self, table: SampleTable, opts: LoaderOptions, *, decode_here: bool):
         self.table, self.opts, self.decode_here = table, opts, decode_here
         self.epoch = 0
-        self.resolution = opts.resolution
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int):
-        blob = self.table.read(index)
-        label = int(self.table.labels[index])
-        if not self.decode_here:  # bytes, not a tensor: a worker's tensors each cross in shared memory
-            return blob.tobytes(), label, index
-        try:
-            with Image.open(io.BytesIO(blob.tobytes())) as im:
-                img = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise RunError(f"{self.table.where(index)}: cannot decode the image ({e})") from None
-        o, r = self.opts, self.resolution
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]):
+        t = self.table
+        if not self.decode_here:  # bytes, not tensors: a worker's tensors each cross in shared memory
+            return [(t.read(i).tobytes(), int(t.labels[i]), i) for i in indices]
+        images = []
+        for i in indices:
+            try:
+                images.append(Image.open(io.BytesIO(t.read(i).tobytes())))  # lazy: the header only
+            except (UnidentifiedImageError, OSError) as e:
+                raise RunError(f"{t.where(i)}: cannot decode the image ({e})") from None
+        o, r = self.opts, self.opts.resolution
         if o.train:
-            (top, left, h, w), flip = crop_for(o, epoch=self.epoch, index=index, width=img.width,
-                                               height=img.height)
-            whole = TF.resize(img, [r, r], antialias=True) if o.whole_image else None
-            img = TF.resized_crop(img, top, left, h, w, [r, r], antialias=True)
-            if flip:
-                img = TF.hflip(img)
-            if whole is not None:  # the refinery's view: the uncropped image, same flip
-                whole = TF.hflip(whole) if flip else whole
-                return torch.stack([TF.pil_to_tensor(img), TF.pil_to_tensor(whole)]), label
-        else:
-            img = TF.center_crop(TF.resize(img, int(round(r / o.val_crop_ratio)), antialias=True), [r, r])
-        return TF.pil_to_tensor(img), label
+            boxes, flips = train_crops(o, epoch=self.epoch, indices=indices,
+                                       heights=[im.height for im in images], widths=[im.width for im in images])
+        out = []
+        for k, (i, im) in enumerate(zip(indices, images)):
+            try:
+                with im:
+                    img = im.convert("RGB")
+            except OSError as e:
+                raise RunError(f"{t.where(i)}: cannot decode the image ({e})") from None
+            label = int(t.labels[i])
+            if o.train:
+                top, left, h, w = (int(v) for v in boxes[k])
+                whole = TF.resize(img, [r, r], antialias=True) if o.whole_image else None
+                img = TF.resized_crop(img, top, left, h, w, [r, r], antialias=True)
+                if flips[k]:
+                    img = TF.hflip(img)
+                if whole is not None:  # the refinery's view: the uncropped image, same flip
+                    whole = TF.hflip(whole) if flips[k] else whole
+                    out.append((torch.stack([TF.pil_to_tensor(img), TF.pil_to_tensor(whole)]), label))
+                    continue
+            else:
+                img = TF.center_crop(TF.resize(img, o.val_resize, antialias=True), [r, r])
+            out.append((TF.pil_to_tensor(img), label))
+        return out
 
 
 def _collate_bytes(items):
@@ -91,8 +108,6 @@ class TorchLoader(LoaderBase):
     def __init__(self, data: Path, opts: LoaderOptions, *, decode: str = "auto"):
         if decode not in DECODE_MODES:
             raise UsageError(f"loader.torch.decode = {decode!r}; expected one of {DECODE_MODES}")
-        if not 0 <= opts.rank < opts.world_size:
-            raise UsageError(f"torch loader: rank {opts.rank} is outside world_size {opts.world_size}")
         self.opts = opts
         self.decode = ("device" if opts.device.type == "cuda" else "host") if decode == "auto" else decode
         self.table = sample_table(Path(data), opts.split)
@@ -100,11 +115,9 @@ class TorchLoader(LoaderBase):
             raise UsageError(f"{data}: split {opts.split!r} has {len(self.table)} images, fewer than "
                              f"world_size {opts.world_size}")
         self.dataset = _Samples(self.table, opts, decode_here=self.decode == "host")
-        self.batch_size = opts.batch_size
-        self.resolution = opts.resolution
         self.epoch = 0
         self._start = 0
-        self._scale, self._shift = batch_decode.scale_shift(opts, opts.device)
+        self._scale, self._shift = opts.normalization.scale_shift_tensors(opts.device)
 
     @property
     def num_samples(self) -> int:
@@ -113,24 +126,16 @@ class TorchLoader(LoaderBase):
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def start_at(self, batch: int) -> None:
         """The next epoch's iteration starts at its batch `batch` (a resumed mid-epoch checkpoint): the
         same batches and crops as the rest of an uninterrupted epoch."""
         self._start = batch
 
-    def set_resolution(self, resolution: int) -> None:
-        if resolution < 1:
-            raise UsageError(f"torch loader: resolution must be positive, got {resolution}")
-        self.resolution = resolution
-
     def close(self) -> None:
         self.table.close()
 
     def __iter__(self):
-        self.dataset.epoch, self.dataset.resolution = self.epoch, self.resolution
+        self.dataset.epoch, self.dataset.opts = self.epoch, self.opts
         o = self.opts
         batches = [b.tolist() for b in epoch_batches(len(self.table), o, self.epoch)][self._start:]
         self._start = 0
@@ -149,7 +154,7 @@ class TorchLoader(LoaderBase):
                                                             channels_last=o.channels_last) for k in (0, 1)))
                 else:
                     x = batch_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
-                                                  channels_last=o.channels_last)
+                                                    channels_last=o.channels_last)
             else:
                 x, labels = self._device_batch(*batch)
             yield x, labels.to(o.device, non_blocking=True)
@@ -158,28 +163,17 @@ class TorchLoader(LoaderBase):
         o = self.opts
         blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         images = batch_decode.decode_batch(blobs, o.device, where=lambda i: self.table.where(index[i]))
-        boxes, flips = [], []
-        for img, i in zip(images, index):
-            h, w = img.shape[-2:]
-            if o.train:
-                box, flip = crop_for(o, epoch=self.epoch, index=i, width=w, height=h)
-            else:
-                box, flip = batch_decode.center_box(w, h, self.resolution, o.val_crop_ratio), False
-            boxes.append(box)
-            flips.append(flip)
-        kw = dict(flips=flips, resolution=self.resolution, scale=self._scale, shift=self._shift, dtype=o.dtype,
+        heights, widths = [int(img.shape[-2]) for img in images], [int(img.shape[-1]) for img in images]
+        if o.train:
+            boxes, flips = train_crops(o, epoch=self.epoch, indices=index, heights=heights, widths=widths)
+            boxes, flips = boxes.tolist(), flips.tolist()
+        else:
+            boxes = [batch_decode.center_box(w, h, o.resolution, o.val_crop_ratio) for h, w in zip(heights, widths)]
+            flips = [False] * len(images)
+        kw = dict(flips=flips, resolution=o.resolution, scale=self._scale, shift=self._shift, dtype=o.dtype,
                   channels_last=o.channels_last)
         x = batch_decode.device_batch(images, boxes=boxes, **kw)
         if o.whole_image:  # the refinery's view: each whole image, same flip
             whole = [(0, 0, img.shape[-2], img.shape[-1]) for img in images]
             x = Views(x, batch_decode.device_batch(images, boxes=whole, **kw))
         return x, labels
-
-
-def host_reference(table: SampleTable, opts: LoaderOptions, *, epoch: int, indices, resolution: int) -> torch.Tensor:
-    """The host path's fp32 batch for `indices` (tests compare the device path with it)."""
-    ds = _Samples(table, opts, decode_here=True)
-    ds.epoch, ds.resolution = epoch, resolution
-    images = torch.stack([ds[int(i)][0] for i in np.asarray(indices)])
-    scale, shift = batch_decode.scale_shift(opts, torch.device("cpu"))
-    return batch_decode.normalize_cast(images, scale, shift, dtype=torch.float32, channels_last=False)

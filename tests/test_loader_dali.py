@@ -174,11 +174,8 @@ def test_a_corrupt_image_names_its_shard_in_one_plain_line(conv, tmp_path, monke
 
 
 def test_a_checksum_mismatch_is_refused_at_start(conv, tmp_path):
-    """With `fastrefine.manifest.check_recorded_file` (when the manifest records sizes/checksums), a
+    """With `fastrefine.manifest.check_recorded_file` (the manifest records sizes/checksums), a
     shard overwritten after the conversion is refused before any pipeline is built, naming the file."""
-    import fastrefine.manifest as manifest_module
-    if getattr(manifest_module, "check_recorded_file", None) is None:
-        pytest.skip("fastrefine.manifest.check_recorded_file does not exist yet")
     bad = tmp_path / "bad"
     shutil.copytree(conv, bad)
     tar = sorted((bad / "dali").glob("train-*.tar"))[0]

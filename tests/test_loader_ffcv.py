@@ -136,9 +136,9 @@ def test_box_statistics_match_torchvision_random_resized_crop():
     box drawn from the wrong scale or ratio range moves them by 10% or more."""
     from torchvision.transforms import RandomResizedCrop
 
-    from fastrefine.loaders.ffcv import crop_boxes
+    from fastrefine.loaders.crop_sampler import draw_boxes
     h, w, n = 375, 500, 20_000
-    ours = crop_boxes(seed=11, epoch=2, indices=np.arange(n), heights=h, widths=w).astype(float)
+    ours = draw_boxes(seed=11, epoch=2, indices=np.arange(n), heights=h, widths=w).astype(float)
     torch.manual_seed(0)
     img = torch.empty(3, h, w)
     ref = np.array([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], float)
@@ -151,15 +151,15 @@ def test_box_statistics_match_torchvision_random_resized_crop():
 
 
 def test_draws_depend_on_seed_epoch_and_index_only():
-    from fastrefine.loaders.ffcv import crop_boxes, flip_draws
+    from fastrefine.loaders.crop_sampler import draw_boxes, draw_flips
     idx = np.arange(64)
-    a = crop_boxes(seed=1, epoch=0, indices=idx, heights=375, widths=500)
-    assert np.array_equal(a[10:20], crop_boxes(seed=1, epoch=0, indices=idx[10:20], heights=375, widths=500))
-    assert (a != crop_boxes(seed=1, epoch=1, indices=idx, heights=375, widths=500)).any(axis=1).mean() > 0.9
-    assert (a != crop_boxes(seed=2, epoch=0, indices=idx, heights=375, widths=500)).any(axis=1).mean() > 0.9
-    flips = flip_draws(seed=1, epoch=0, indices=np.arange(10_000))
+    a = draw_boxes(seed=1, epoch=0, indices=idx, heights=375, widths=500)
+    assert np.array_equal(a[10:20], draw_boxes(seed=1, epoch=0, indices=idx[10:20], heights=375, widths=500))
+    assert (a != draw_boxes(seed=1, epoch=1, indices=idx, heights=375, widths=500)).any(axis=1).mean() > 0.9
+    assert (a != draw_boxes(seed=2, epoch=0, indices=idx, heights=375, widths=500)).any(axis=1).mean() > 0.9
+    flips = draw_flips(seed=1, epoch=0, indices=np.arange(10_000))
     assert 0.48 < flips.mean() < 0.52
-    assert not flip_draws(seed=1, epoch=0, indices=idx, prob=0.0).any()
+    assert not draw_flips(seed=1, epoch=0, indices=idx, prob=0.0).any()
 
 
 def test_dct_scale_is_the_smallest_simd_scale_that_keeps_the_box_at_output_size():
@@ -179,10 +179,11 @@ def test_area_resize_matches_opencv_inter_area():
     box/size pairs: 0.003% of values, ties at .5 where the float sums round the other way)."""
     from ffcv.libffcv import resize_crop
 
-    from fastrefine.loaders.ffcv import crop_boxes, kernels
+    from fastrefine.loaders.crop_sampler import draw_boxes
+    from fastrefine.loaders.ffcv import kernels
     images, _ = load_fashion_mnist("train")
     img = mosaic(images[:300], 375, 500, np.random.default_rng(1))
-    boxes = crop_boxes(seed=0, epoch=0, indices=np.arange(200), heights=375, widths=500)
+    boxes = draw_boxes(seed=0, epoch=0, indices=np.arange(200), heights=375, widths=500)
     boxes = boxes[(boxes[:, 2] >= 96) & (boxes[:, 3] >= 96)][:40]
     assert len(boxes) == 40
     off = []
@@ -207,11 +208,12 @@ def test_fast_decoder_agrees_with_stock_on_the_same_boxes(beton, plain_batch):
     IDCT averages 4x4 pixels before the area resize averages ~4.5x4.5; on an aligned box whose scaled
     size equals the output, 0.3-0.4). For scale: the torch loader's PIL resize differs from stock by
     1.6-5.0 on the same boxes. Tolerances: 8/8 max 1; 4/8 mean 2; 2/8 and 1/8 mean 8."""
-    from fastrefine.loaders.ffcv import crop_boxes, kernels
+    from fastrefine.loaders.crop_sampler import draw_boxes
+    from fastrefine.loaders.ffcv import kernels
     x, y = plain_batch
     idx = np.arange(BATCH)
     hw = np.array(SIZES[:BATCH])
-    boxes = crop_boxes(seed=3, epoch=0, indices=idx, heights=hw[:, 0], widths=hw[:, 1])
+    boxes = draw_boxes(seed=3, epoch=0, indices=idx, heights=hw[:, 0], widths=hw[:, 1])
     want = stock_crops(beton, boxes, idx).astype(float)
     got = to_pixels(x).astype(float)
     scales = [int(kernels().dct_eighths(b[2], b[3], RES, RES)) for b in boxes]
@@ -265,11 +267,11 @@ def test_another_epoch_draws_other_crops_of_the_same_samples(plain, plain_batch)
 
 
 def test_normalize_cast_flips_exactly_the_seeded_draws(beton, plain_batch):
-    """Flip on: each image is the unflipped one mirrored where flip_draws(seed, epoch, index) says so."""
-    from fastrefine.loaders.ffcv import flip_draws
+    """Flip on: each image is the unflipped one mirrored where draw_flips(seed, epoch, index) says so."""
+    from fastrefine.loaders.crop_sampler import draw_flips
     ld = make(beton)  # the same boxes as `plain`, flip on (in NormalizeCast)
     x, _ = first(ld)
-    flips = flip_draws(seed=3, epoch=0, indices=np.arange(BATCH))
+    flips = draw_flips(seed=3, epoch=0, indices=np.arange(BATCH))
     assert 0 < flips.sum() < BATCH
     for k in range(BATCH):
         want = plain_batch[0][k].flip(-1) if flips[k] else plain_batch[0][k]
@@ -282,8 +284,9 @@ def test_normalize_cast_flips_exactly_the_seeded_draws(beton, plain_batch):
 def test_normalize_cast_kernel_normalises_casts_and_flips(dtype, flip_prob):
     """NormalizeCast's kernel run as plain Python (FFCV jit-compiles the same function): every pixel
     becomes (x - mean) / std rounded to `dtype`, mirrored left-right when the flip is drawn."""
+    from fastrefine.loaders.base import IMAGENET_MEAN, IMAGENET_STD, Normalization
     from fastrefine.loaders.ffcv import normalize_cast_op
-    op = normalize_cast_op(MEAN, STD, dtype, flip_prob)
+    op = normalize_cast_op(Normalization(IMAGENET_MEAN, IMAGENET_STD, dtype), flip_prob)
     images = np.random.default_rng(0).integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
     dst = np.zeros(images.shape, op.storage)
     params = np.array([[7, 0]] * 3, np.int64)

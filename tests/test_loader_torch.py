@@ -142,12 +142,12 @@ def test_bf16_is_the_fp32_result_rounded_once(dataset):
     a bf16 step of the exact value (0.0078 in [2, 4)); the old three bf16 passes with bf16-rounded
     mean/std missed by 0.020."""
     from fastrefine.loaders.base import LoaderOptions
-    from fastrefine.loaders.batch_decode import normalize_cast, scale_shift
+    from fastrefine.loaders.batch_decode import normalize_cast
     opts = LoaderOptions(split="val", batch_size=1, resolution=16, device=CPU, dtype=torch.bfloat16)
     pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     exact = (pixels.double() / 255 - torch.tensor(opts.mean, dtype=torch.float64).view(1, 3, 1, 1)) \
         / torch.tensor(opts.std, dtype=torch.float64).view(1, 3, 1, 1)
-    scale, shift = scale_shift(opts, CPU)
+    scale, shift = opts.normalization.scale_shift_tensors(CPU)
     out = normalize_cast(pixels, scale, shift, dtype=torch.bfloat16, channels_last=True)
     fp32 = normalize_cast(pixels, scale, shift, dtype=torch.float32, channels_last=True)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)

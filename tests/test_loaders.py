@@ -193,6 +193,90 @@ def test_ffcv_train_rank_order_is_disjoint_equal_and_reshuffled():
     assert np.array_equal(orders[0][0], again)
 
 
+# -- one crop sampler ----------------------------------------------------------------------------
+
+def test_the_three_backends_draw_the_same_train_boxes_and_flips(data, monkeypatch):
+    """Seed 7, epoch 2, every train sample: the boxes and flips the torch loader (device decode, sizes
+    from the decoded images) and the DALI feed (sizes recorded by the converter) hand out, and those
+    FFCV's decoder computes (its numba `random_box` / `flip_draw` on the .beton's own sizes and sample
+    numbers, the functions its kernels call) are one and the same."""
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
+    pytest.importorskip("ffcv", reason="ffcv is not installed")
+    import fastrefine.loaders.torch as torch_backend
+    from fastrefine.loaders.crop_sampler import STREAM_CROP, jitted
+    from fastrefine.loaders.ffcv import beton_path
+    from fastrefine.loaders.samples import epoch_batches
+    from ffcv.reader import Reader
+
+    kw = dict(split="train", batch_size=16, seed=7, workers=0)
+    drawn = {}
+    real = torch_backend.train_crops
+
+    def spy(opts, *, epoch, indices, heights, widths):
+        boxes, flips = real(opts, epoch=epoch, indices=indices, heights=heights, widths=widths)
+        for i, b, f in zip(indices, boxes, flips):
+            drawn[int(i)] = (tuple(int(v) for v in b), bool(f))
+        return boxes, flips
+
+    monkeypatch.setattr(torch_backend, "train_crops", spy)
+    tl = build(data=data, backend="torch", backend_options={"torch": {"decode": "device"}}, resolution=RES,
+               device=CPU, **kw)
+    tl.set_epoch(2)
+    for _ in tl:
+        pass
+    assert len(drawn) == 112
+
+    dl = build(data=data, backend="dali", resolution=RES, device=CPU, **kw)
+    dl.feed.start(epoch_batches(dl.total, dl.opts, 2), 2)
+    dali = {}
+    while dl.feed.batches:
+        idx = dl.feed.batches[0]
+        _, _, anchors, shapes, mirror = dl.feed()
+        for i, (left, top), (w, h), m in zip(idx, anchors, shapes, mirror):
+            dali[int(i)] = ((int(top), int(left), int(h), int(w)), bool(m))
+    dl.close()
+    assert dali == drawn
+
+    meta = Reader(str(beton_path(data, "train"))).metadata
+    meta = {"image": meta["f0"], "label": meta["f1"]}                # the fields in their written order
+    table = dl.table
+    assert np.array_equal(meta["label"], table.labels)          # the same sample numbers on both files
+    assert np.array_equal(meta["image"]["height"], table.heights) and np.array_equal(meta["image"]["width"], table.widths)
+    k = jitted()
+    lo, hi = float(np.log(3 / 4)), float(np.log(4 / 3))
+    for i, (box, flip) in drawn.items():
+        key = k.sample_key(np.int64(7), np.int64(2), np.uint64(i), np.uint64(STREAM_CROP))
+        got = k.random_box(np.uint64(key), np.int64(meta["image"]["height"][i]), np.int64(meta["image"]["width"][i]),
+                           0.08, 1.0, lo, hi)
+        assert tuple(int(v) for v in got) == box, i
+        assert bool(k.flip_draw(np.int64(7), np.int64(2), np.uint64(i), 0.5)) == flip, i
+
+
+def test_the_converter_records_image_sizes_and_older_conversions_read_headers(data, tmp_path):
+    """`dali.sizes` in the manifest: one (height, width) per image in shard order, equal to each JPEG's
+    header; a conversion without it (an older one) gets the same sizes from the headers."""
+    import json
+    import shutil
+
+    from fastrefine.loaders.samples import sample_table
+    entry = read_manifest(data).split("train")["dali"]
+    assert entry["sizes"] == "dali/train.sizes.npy" and entry["sizes"] in read_manifest(data).raw["files"]
+    table = sample_table(data, "train")
+    assert table.heights is not None and len(table.heights) == len(table)
+    old = tmp_path / "old"
+    shutil.copytree(data, old)
+    raw = json.loads((old / "manifest.json").read_text())
+    for split in raw["splits"].values():
+        split["dali"].pop("sizes")
+    (old / "manifest.json").write_text(json.dumps(raw))
+    (old / "dali" / "train.sizes.npy").unlink()
+    legacy = sample_table(old, "train")
+    assert legacy.heights is None
+    everything = np.arange(len(table))
+    for got, want in zip(legacy.image_sizes(everything), table.image_sizes(everything)):
+        assert np.array_equal(got, want)
+
+
 # -- DALI specifics ------------------------------------------------------------------------------
 
 def test_dali_reads_a_plain_imagefolder_tree(data):

@@ -97,7 +97,7 @@ def measure_crops(a, k: int, seed: int = 0, limit: int = 2000, scale: tuple[floa
     """Epoch-0 training crops of the first `limit` scenes (the torch loader's sampler and resize, seed of
     round "labels" of run scenes-k{k}-s{seed}): label-crop mismatch, and the labels round's top-1 on them."""
     from fastrefine.loaders import build
-    from fastrefine.loaders.samples import crop_for
+    from fastrefine.loaders.crop_sampler import train_crops
     from fastrefine.loaders.torch import _Samples
     from fastrefine.recipe import round_seed
     from fastrefine.round import load_model_from_checkpoint
@@ -120,7 +120,7 @@ def measure_crops(a, k: int, seed: int = 0, limit: int = 2000, scale: tuple[floa
     for i in range(n):
         rel = str(Path(ld.table.files[i]).relative_to(data.resolve() if Path(ld.table.files[i]).is_absolute() else data))
         scene = by_file[rel]
-        crop, _ = crop_for(ld.opts, epoch=0, index=i, width=size, height=size)
+        crop = tuple(int(v) for v in train_crops(ld.opts, epoch=0, indices=[i], heights=size, widths=size)[0][0])
         objs = scene["objects"]
         labelled = next(o for o in objs if o["class"] == scene["label"])
         area = (labelled["box"][2] - labelled["box"][0]) * (labelled["box"][3] - labelled["box"][1])

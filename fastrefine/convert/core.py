@@ -46,7 +46,8 @@ from .imaging import Cleaned, clean_many
 from .lock import LOCK_NAME, out_lock
 from .options import ConvertOptions
 from .scan import SourceScan, SplitScan, scan_source
-from .shards import PARTIAL, ShardPlan, fingerprint, load_complete_record, plan_shards, remove_stale, write_shard
+from .shards import (PARTIAL, ShardPlan, fingerprint, load_complete_record, plan_shards, remove_stale, write_shard,
+                     write_sizes)
 
 SHUFFLE_SEED = 0
 MARKER = ".fastrefine-convert.json"     # written first, so a half-done OUT still says what it holds
@@ -71,6 +72,7 @@ class SplitRun:
     seconds: float = 0.0
     shard_records: list[dict[str, Any]] = field(default_factory=list)
     shard_plans: list[ShardPlan] = field(default_factory=list)
+    sizes: dict[str, Any] | None = None  # the digest of its image-size file (DALI shards only)
 
 
 def convert(*, src: Path, out: Path, layout: str, options: ConvertOptions, console: Console | None = None) -> dict:
@@ -105,6 +107,9 @@ def convert(*, src: Path, out: Path, layout: str, options: ConvertOptions, conso
                            console=console)
         if "dali" not in opts.formats and (out / WORK).is_dir():
             shutil.rmtree(out / WORK)
+        if "dali" in opts.formats:
+            for run in runs:
+                run.sizes = write_sizes(out / _sizes_rel(run.name), run.shard_records)
         manifest = _build_manifest(scan=scan, runs=runs, opts=opts)
         did_work = any(r.encoded or r.beton_written for r in runs)
         if not did_work and old_manifest is not None and _same(old_manifest, manifest):
@@ -305,7 +310,8 @@ def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: ConvertOpti
             entry["dali"] = {"format": "webdataset", "shards": [f"{DALI_DIR}/{k}.tar" for k, _ in kept],
                              "index": [f"{DALI_DIR}/{k}.idx" for k, _ in kept], "ext": ["jpg", "cls"],
                              "file_lists": [f"{DALI_DIR}/{p.stem}.json" for p in run.shard_plans],
-                             "shuffled": run.name == "train"}
+                             "shuffled": run.name == "train", "sizes": _sizes_rel(run.name)}
+            files[_sizes_rel(run.name)] = run.sizes
             for stem, record in kept:
                 files[f"{DALI_DIR}/{stem}.tar"] = record["tar"]
                 files[f"{DALI_DIR}/{stem}.idx"] = record["idx"]
@@ -328,6 +334,10 @@ def _build_manifest(*, scan: SourceScan, runs: list[SplitRun], opts: ConvertOpti
             "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name, "description": c.description}
                         for c in scan.classes],
             "strict": opts.strict, "splits": splits, "skipped": skipped, "warned": warned, FILES_KEY: files}
+
+
+def _sizes_rel(split: str) -> str:
+    return f"{DALI_DIR}/{split}.sizes.npy"
 
 
 def _same(old: dict, new: dict) -> bool:

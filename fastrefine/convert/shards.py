@@ -12,6 +12,10 @@ a temporary beside it, renamed when whole):
           label, size, source path, byte offset of the JPEG inside the tar) plus the files of this shard
           that were skipped and why.
 
+Per split, `{split}.sizes.npy` (`write_sizes`) holds every written image's (height, width) as int32
+rows in shard order, the order of the indexes: the loaders draw crop boxes from it without reading
+any JPEG header.
+
 A shard counts as done only when its record exists, its fingerprint matches and the tar and index
 have the sizes and sampled checksums it records; anything else is redone.
 """
@@ -107,6 +111,16 @@ def write_shard(*, plan: ShardPlan, folder: Path, cleaned: Iterator[Cleaned],
     record.update(members=members, skipped=skipped, notes=notes)
     write_text(record_path, json.dumps(record, separators=(",", ":")))
     return record
+
+
+def write_sizes(path: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the (height, width) of every member of these shard records, in order, as an int32 (N, 2)
+    .npy file (atomically); return its `file_digest`."""
+    import numpy as np
+
+    hw = np.asarray([(m["height"], m["width"]) for r in records for m in r["members"]], dtype=np.int32)
+    atomic_write(path, lambda fh: np.save(fh, hw.reshape(-1, 2), allow_pickle=False))
+    return file_digest(path)
 
 
 def _add_member(tar: tarfile.TarFile, *, name: str, data: bytes) -> tuple[str, int, int, str]:
