@@ -23,9 +23,10 @@ A state dict whose classifier has exactly the dataset's number of outputs (a tor
 trained on this dataset) is taken in the dataset's class order, as a fastrefine checkpoint is.
 
 Normalisation. torchvision's ImageNet weights expect mean (0.485, 0.456, 0.406), std (0.229, 0.224,
-0.225): the very values every fastrefine loader normalises with (loaders.IMAGENET_MEAN/STD), so
+0.225): the loaders' own defaults (`loaders.base.IMAGENET_MEAN/STD`, the one copy of these values), so
 `adapt_normalization` returns the model unchanged for them; it is there for weights trained with
-other values, and checks instead of assuming.
+other values and for a loader that normalises otherwise (the round passes its loader's
+`normalization`), and checks instead of assuming.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .loaders.base import IMAGENET_MEAN, IMAGENET_STD  # torchvision's ImageNet weights' values too
 
 IMAGENET_NUM_CLASSES = 1000
-TORCHVISION_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet weights (and a plain .pth, by convention)
-TORCHVISION_STD = (0.229, 0.224, 0.225)
 _WNID = re.compile(r"n\d{8}")
 _STATE_DICT_SUFFIXES = (".pth", ".pt")
 
@@ -275,11 +275,11 @@ def torchvision_normalization(name: str, *, weights: str) -> tuple[tuple[float, 
     torchvision transforms say. A state dict file: torchvision's ImageNet values (the convention for
     torchvision models; fastrefine's loaders use the same)."""
     if not weights or _is_file_spec(weights):
-        return TORCHVISION_MEAN, TORCHVISION_STD
+        return IMAGENET_MEAN, IMAGENET_STD
     t = _weights_enum(name, weights).transforms()
     mean, std = getattr(t, "mean", None), getattr(t, "std", None)
     if mean is None or std is None:
-        return TORCHVISION_MEAN, TORCHVISION_STD
+        return IMAGENET_MEAN, IMAGENET_STD
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 

@@ -185,8 +185,12 @@ def load_model_from_checkpoint(path: Path, *, device: torch.device, num_classes:
     return model.to(device, memory_format=torch.channels_last), meta
 
 
-def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False) -> tuple[nn.Module | None, str]:
+def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False,
+                    normalization=None) -> tuple[nn.Module | None, str]:
     """(the refinery's network on the device, a description), or (None, "none (labels)").
+
+    `normalization`: how the round's loader normalises its images (`loader.normalization`); a torchvision
+    refinery is wrapped to see the normalisation its weights expect. None: the loaders' default.
 
     `untrained_ok` (benchmarks only): a refinery round that has not run yet is built with random weights,
     since speed does not depend on the weights."""
@@ -199,9 +203,8 @@ def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False) ->
         name = src.spec[len(TORCHVISION_PREFIX):]
         model, desc = load_torchvision_refinery(name, weights=r.refinery.weights, class_map=r.refinery.class_map,
                                                 class_names=env.class_names, num_classes=env.num_classes)
-        # resolved once, here: the refinery sees inputs normalised as its weights expect (every loader
-        # normalises with the loaders' default mean/std; the recipe cannot change them)
-        norm = _default_normalization(env)
+        # resolved once, here: the refinery sees inputs normalised as its weights expect
+        norm = normalization if normalization is not None else _default_normalization(env)
         model, note = adapt_normalization(model, refinery=torchvision_normalization(name, weights=r.refinery.weights),
                                           loader=(norm.mean, norm.std))
         log.info("refinery %s: %s", src.spec, note)
@@ -227,8 +230,8 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     """Student, refinery, loss, jitter, optimizer, step and loaders of round `index`, seeded from the
     round's seed (its own, or `seed_from`'s: same initial weights and crop stream).
 
-    `loaders=False` (the step benchmark, on synthetic tensors) builds no loader; the jitter then uses the
-    loaders' default normalisation (loaders.base.IMAGENET_MEAN/STD)."""
+    `loaders=False` (the step benchmark, on synthetic tensors) builds no loader; the refinery and the
+    jitter then use the loaders' default normalisation (LoaderOptions' mean and std)."""
     from .models import create_model
     r, rd = env.recipe, env.recipe.rounds[index]
     seed = round_seed(r, index)
@@ -238,8 +241,18 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     student = create_model(model_name, num_classes=env.num_classes, **model_opts).to(env.device, memory_format=fmt)
     seed_everything(seed + env.dist.rank)
 
-    ref_model, refinery_desc = refinery_module(env, index, untrained_ok=untrained_refinery_ok)
-    refined = ref_model is not None
+    refined = refinery_source(r, index, run_dir=env.run_dir).kind != "none"
+    loader_args = dict(device=env.device, dtype=env.precision.input_dtype, seed=seed, workers=env.threads.workers,
+                       rank=env.dist.rank, world_size=env.dist.world_size, backend=env.backend)
+    if loaders:
+        train_loader = make_loader(r, split="train", resolution=train_resolution(r, start_epoch),
+                                   refinery_view=r.refinery.view if refined else "crop", **loader_args)
+        backend, reason = env.backend, env.backend_reason
+    else:
+        train_loader, backend, reason = None, "none", "no loader (synthetic input)"
+    # the refinery and the jitter take the normalisation from the loader that feeds them
+    norm = train_loader.normalization if train_loader is not None else _default_normalization(env)
+    ref_model, refinery_desc = refinery_module(env, index, untrained_ok=untrained_refinery_ok, normalization=norm)
     if refined:
         refinery = Refinery(ref_model, bn=r.refinery.bn, temperature=r.refinery.temperature,
                             fold_bn=r.refinery.fold_bn, **_refinery_resolution(r))
@@ -253,14 +266,6 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     scaler = env.precision.scaler()
     ema = WeightEma(student, decay=r.run.ema) if r.run.ema is not None else None
 
-    loader_args = dict(device=env.device, dtype=env.precision.input_dtype, seed=seed, workers=env.threads.workers,
-                       rank=env.dist.rank, world_size=env.dist.world_size, backend=env.backend)
-    if loaders:
-        train_loader = make_loader(r, split="train", resolution=train_resolution(r, start_epoch),
-                                   refinery_view=r.refinery.view if refined else "crop", **loader_args)
-        backend, reason = env.backend, env.backend_reason
-    else:
-        train_loader, backend, reason = None, "none", "no loader (synthetic input)"
 
     def make_val_loader(shuffle: bool | None = None):
         return make_loader(r, split="val", resolution=val_resolution(r), shuffle=shuffle, **loader_args)
@@ -277,7 +282,6 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     adv = r.refinery.adversarial
     jitter = no_jitter
     if refined and adv.fraction > 0:
-        norm = train_loader.normalization if train_loader is not None else _default_normalization(env)
         jitter = AdversarialJitter(student=student, refinery=refinery, fraction=adv.fraction, epsilon=adv.epsilon,
                                    mean=norm.mean, std=norm.std, autocast=env.precision.autocast)
     loss_fn = make_loss(refined=refined, kind=r.refinery.loss, gt_weight=r.refinery.gt_weight,
@@ -293,6 +297,7 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
 
 
 def _default_normalization(env: RoundEnv):
+    """The normalisation a loader built with default mean and std hands out in this run's input dtype."""
     from .loaders import IMAGENET_MEAN, IMAGENET_STD, Normalization
     return Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=env.precision.input_dtype)
 
