@@ -115,11 +115,16 @@ def write_shard(*, plan: ShardPlan, folder: Path, cleaned: Iterator[Cleaned],
 
 def write_sizes(path: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the (height, width) of every member of these shard records, in order, as an int32 (N, 2)
-    .npy file (atomically); return its `file_digest`."""
+    .npy file (atomically; left untouched when it already holds exactly that); return its `file_digest`."""
     import numpy as np
 
-    hw = np.asarray([(m["height"], m["width"]) for r in records for m in r["members"]], dtype=np.int32)
-    atomic_write(path, lambda fh: np.save(fh, hw.reshape(-1, 2), allow_pickle=False))
+    hw = np.asarray([(m["height"], m["width"]) for r in records for m in r["members"]], dtype=np.int32).reshape(-1, 2)
+    try:
+        same = np.array_equal(np.load(path, allow_pickle=False), hw)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        atomic_write(path, lambda fh: np.save(fh, hw, allow_pickle=False))
     return file_digest(path)
 
 
