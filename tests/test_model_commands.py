@@ -219,3 +219,31 @@ def test_export_onnx_without_onnx_is_one_line(trained, tmp_path, monkeypatch):
     res = runner.invoke(app, ["export", str(trained / "last.pt"), str(tmp_path / "m.onnx"), "--format", "onnx"])
     assert res.exit_code == 2 and "needs the onnx and onnxscript packages" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_export_pt2_of_darknet19_runs_without_fastrefine(tmp_path):
+    """fastrefine's own architecture of the mission (its code is in fastrefine/models/darknet.py): the .pt2
+    carries the graph, so a process without fastrefine runs it. Random weights, BatchNorm statistics
+    made non-trivial; slow: torch.export traces 19 convolutions (tens of seconds on 2 busy cores)."""
+    from fastrefine.evaluation import load_checkpoint_model
+    from fastrefine.models import create_model
+    torch.manual_seed(0)
+    model = create_model("darknet19", num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "darknet19.pt"
+    ckpt.save_weights(path, model=model, meta={"model_name": "darknet19", "model_options": {}, "num_classes": 10,
+                                               "round": "r", "epoch": 1, "val_top1": None})
+    res = runner.invoke(app, ["export", str(path), str(tmp_path / "d.pt2"), "--resolution", "64"])
+    assert res.exit_code == 0, res.output
+    images = torch.randn(3, 3, 64, 64)
+    torch.save(images, tmp_path / "images.pt")
+    with torch.no_grad():
+        expected = load_checkpoint_model(path).model(images)
+    got = _child(f"""
+        logits = torch.export.load({str(tmp_path / 'd.pt2')!r}).module()(torch.load({str(tmp_path / 'images.pt')!r}))
+    """, tmp_path)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
