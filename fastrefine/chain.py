@@ -154,6 +154,69 @@ def describe_plan(recipe: Recipe, *, restart: bool = False, only: str | None = N
     return "\n".join(lines)
 
 
+# Keys that change how a run is watched or how fast it goes, not what it trains: a resume may change them.
+RESUME_FREE = ("run.progress", "run.log_every", "run.tensorboard", "run.checkpoint_every_steps", "run.compile",
+               "run.cudnn_benchmark", "run.device", "run.out", "data.path", "loader.workers", "run.eval_every",
+               "run.max_val_batches", "loader.val_batch_size")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_changes(recipe: Recipe, index: int, recorded: Path) -> dict:
+    """{dotted key: [recorded, now]} for what differs between the recipe a round started with (its
+    recipe.toml) and `recipe`, over the keys that change what round `index` trains: every section but
+    RESUME_FREE, and of the rounds only its own entry."""
+    import tomllib
+    try:
+        old = tomllib.loads(recorded.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        log.warning("%s: cannot be read (%s); recipe changes on resume not checked", recorded, e)
+        return {}
+    new = recipe_to_dict(recipe)
+
+    def own(d: dict) -> dict:
+        rounds = d.get("rounds") or []
+        name = recipe.rounds[index].name
+        mine = next((x for x in rounds if isinstance(x, dict) and x.get("name") == name), {})
+        return _flat({k: v for k, v in d.items() if k != "rounds"}) | {
+            f"rounds[{index}].{k}": v for k, v in _flat(mine).items()}
+
+    a, b = own(old), own(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+            if k not in RESUME_FREE and a.get(k) != b.get(k)}
+
+
+def check_resume_changes(recipe: Recipe, *, selected: list[int], run_dir: Path, accept: bool) -> dict:
+    """Refuse (one line naming the keys) a resume whose recipe differs from the one the round started with;
+    with `accept` return the changes by round index, for run.json."""
+    found = {}
+    for i in selected:
+        rdir = run_dir / recipe.rounds[i].name
+        if not (rdir / "last.pt").is_file() or ckpt.read_json_marker(rdir / "done.json") is not None:
+            continue
+        if not (rdir / "recipe.toml").is_file():
+            continue
+        changed = recipe_changes(recipe, i, rdir / "recipe.toml")
+        if changed and not accept:
+            shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changed.items())[:6])
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            raise UsageError(f"{rdir / 'recipe.toml'}: round {recipe.rounds[i].name!r} would resume with a changed "
+                             f"recipe: {shown}{more}; put them back, rerun with --accept-changes (recorded in "
+                             f"run.json), or --restart")
+        if changed:
+            found[i] = changed
+    return found
+
+
 def _archive(run_dir: Path) -> Path:
     """--restart keeps what was there: the old folder is renamed, never deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -187,9 +250,11 @@ def make_env(recipe: Recipe, dist_info: Dist, device: torch.device, *, console: 
 
 
 def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None,
-               console: Console | None = None, position: Position | None = None) -> list[dict]:
+               console: Console | None = None, position: Position | None = None,
+               accept_changes: bool = False) -> list[dict]:
     """Run the recipe's rounds in order; returns one summary dict per round run or skipped. `position`
-    (interrupt.Position) is kept up to date with the round, epoch and step in progress."""
+    (interrupt.Position) is kept up to date with the round, epoch and step in progress. `accept_changes`:
+    resume rounds whose recipe changed, recording the changes (check_resume_changes)."""
     console = console or Console()
     selected = _selected(recipe, only)
     run_dir = run_dir_of(recipe)
@@ -203,6 +268,9 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
         env = make_env(recipe, dist_info, device, console=console, position=position)
 
         def prepare() -> None:  # rank 0, holding the run folder's lock
+            if not restart:
+                env.recipe_changes = check_resume_changes(recipe, selected=selected, run_dir=run_dir,
+                                                          accept=accept_changes)
             if restart and run_dir.exists():
                 log.info("--restart: moved the old run folder to %s", _archive(run_dir))
             run_dir.mkdir(parents=True, exist_ok=True)

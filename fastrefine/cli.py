@@ -165,6 +165,9 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit."),
         restart: bool = typer.Option(False, "--restart", help="Ignore checkpoints in the run folder and start over."),
         only: Optional[str] = typer.Option(None, "--round", help="Run only this round (its refinery must exist)."),
+        accept_changes: bool = typer.Option(False, "--accept-changes",
+                                            help="Resume a round whose recipe changed (the changes and the epoch "
+                                                 "they apply from are recorded in run.json)."),
         estimate: bool = typer.Option(False, "--estimate", help="Time a few real steps of every round here and print the chain's time; train nothing, write nothing."),
         throughput: Optional[float] = typer.Option(None, "--throughput", metavar="IMG_PER_S", help="With --estimate: project from this global train images/s instead of timing."),
         processes: Optional[int] = typer.Option(None, "--processes", min=1, metavar="N", help="With --estimate: processes to assume (default: WORLD_SIZE, else 1)."),
@@ -186,6 +189,9 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
     if dry_run:
         from .recipe import recipe_to_dict, to_toml
         check_plan(r, selected=_selected(r, only), run_dir=run_dir_of(r))
+        if not restart:
+            from .chain import check_resume_changes
+            check_resume_changes(r, selected=_selected(r, only), run_dir=run_dir_of(r), accept=accept_changes)
         out.print(f"# resolved recipe ({recipe})", highlight=False, markup=False)
         out.print(to_toml(recipe_to_dict(r)), highlight=False, markup=False)
         out.print(describe_plan(r, restart=restart, only=only, world_size=int(os.environ.get("WORLD_SIZE", "1"))),
@@ -194,7 +200,7 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
     from .interrupt import Position, report
     position = Position()
     try:
-        run_recipe(r, restart=restart, only=only, console=out, position=position)
+        run_recipe(r, restart=restart, only=only, console=out, position=position, accept_changes=accept_changes)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, exit 130 (SIGTERM: preempt.py, exit 143)
         raise typer.Exit(report(position, e)) from None
 

@@ -62,6 +62,7 @@ class RoundEnv:
     backend_reason: str = ""
     stop: StopSignals = field(default_factory=StopSignals)   # SIGTERM/SIGUSR1 requests (preempt.py)
     position: Position = field(default_factory=Position)  # where training is, for the line Ctrl-C prints
+    recipe_changes: dict = field(default_factory=dict)  # round index -> {key: [old, new]} accepted on resume
 
 
 @dataclass
@@ -399,7 +400,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
     metrics = MetricsLog(rdir / "metrics.jsonl", enabled=main, round=rd.name)
     if main:
         truncate_to_epoch(rdir / "metrics.jsonl", epochs_done=start_epoch, steps_into=start_step)
-        _write_run_record(env, parts, rdir, start_epoch)
+        _write_run_record(env, parts, rdir, start_epoch, start_step=start_step)
         if r.run.tensorboard:
             metrics.mirrors.append(_tensorboard(rdir, steps_per_epoch=steps_per_epoch, resumed_step=global_step))
     reduce = env.dist.all_reduce_sum()
@@ -561,10 +562,17 @@ def _save(env: RoundEnv, parts: RoundParts, rdir: Path, *, epoch: int, step: int
     env.dist.barrier()
 
 
-def _write_run_record(env: RoundEnv, parts: RoundParts, rdir: Path, start_epoch: int) -> None:
+def _write_run_record(env: RoundEnv, parts: RoundParts, rdir: Path, start_epoch: int, start_step: int = 0) -> None:
+    """run.json and the round's recipe.toml. Recipe changes accepted on a resume (--accept-changes) are
+    appended to the list the previous run.json kept, with the epoch and step from which they apply."""
     from .environment import git_revision, hardware
     r = env.recipe
     rdir.mkdir(parents=True, exist_ok=True)
+    before = ckpt.read_json_marker(rdir / "run.json") or {}
+    changes = list(before.get("recipe_changes") or []) if start_epoch or start_step else []
+    if env.recipe_changes.get(parts.index):
+        changes.append({"from_epoch": start_epoch + 1, "from_step": start_step,
+                        "keys": env.recipe_changes[parts.index]})
     ckpt.write_text(rdir / "recipe.toml", to_toml(recipe_to_dict(r)))
     loader = parts.train_loader
     ckpt.write_json(rdir / "run.json", {
@@ -580,7 +588,8 @@ def _write_run_record(env: RoundEnv, parts: RoundParts, rdir: Path, start_epoch:
         "thread_plan": env.threads.why, "precision": env.precision.name, "world_size": env.dist.world_size,
         "device": str(env.device), "num_classes": env.num_classes,
         "train_images": loader.num_samples * env.dist.world_size,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_after_epoch": start_epoch})
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_after_epoch": start_epoch,
+        "resumed_at_step": start_step, "recipe_changes": changes})
     log.info("round %s: %s, refinery %s, %s loader (%s), %s, lr %.4g, %d epochs", parts.name, parts.model_name,
              parts.refinery_desc, parts.backend, parts.backend_reason, env.precision.name, parts.lr,
              r.rounds[parts.index].epochs)

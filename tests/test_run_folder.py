@@ -53,3 +53,43 @@ def test_stale_temporaries_in_the_run_folder_are_removed(tmp_path, demo_tree):
         p.write_text("half")
     run_recipe(r)
     assert not any(p.exists() for p in stale)
+
+
+KILLED = '[[rounds]]\nname = "r0"\nepochs = 2\n'
+
+
+@pytest.fixture()
+def killed_after_epoch_1(tmp_path, demo_tree, monkeypatch):
+    """A run killed in its second epoch: r0 has last.pt (epoch 1) and no done.json."""
+    from helpers import Killed, die_after
+    p = write_recipe(tmp_path, demo_tree, name="k", rounds=KILLED)
+    with monkeypatch.context() as m:
+        die_after(m, 400 // 32 + 2)
+        with pytest.raises(Killed):
+            run_recipe(load_recipe(p))
+    return p
+
+
+@pytest.mark.parametrize("change", ["optim.lr=0.05", "loader.batch_size=16", "run.seed=9",
+                                    "refinery.loss='kl'", "rounds[0].epochs=3"])
+def test_a_resume_with_a_changed_recipe_is_refused_naming_the_keys(killed_after_epoch_1, tmp_path, change):
+    import json
+    key = change.split("=")[0]
+    record = (tmp_path / "runs/k/r0/recipe.toml").read_text()
+    info = (tmp_path / "runs/k/r0/run.json").read_text()
+    with pytest.raises(UsageError, match=rf"r0/recipe.toml: round 'r0' would resume with a changed recipe: "
+                                         rf"{key.replace('[', '.').replace(']', '.')}.*--accept-changes"):
+        run_recipe(load_recipe(killed_after_epoch_1, [change]))
+    # nothing was rewritten: the record still says what the round started with
+    assert (tmp_path / "runs/k/r0/recipe.toml").read_text() == record
+    assert (tmp_path / "runs/k/r0/run.json").read_text() == info
+    json.loads(info)
+
+
+def test_accepted_recipe_changes_are_recorded_with_their_epoch(killed_after_epoch_1, tmp_path):
+    import json
+    run_recipe(load_recipe(killed_after_epoch_1, ["optim.lr=0.05", "run.progress=false", "loader.workers=0"]),
+               accept_changes=True)
+    info = json.loads((tmp_path / "runs/k/r0/run.json").read_text())
+    assert info["recipe_changes"] == [{"from_epoch": 2, "from_step": 0, "keys": {"optim.lr": [0.1, 0.05]}}]
+    assert (tmp_path / "runs/k/r0/done.json").is_file()
