@@ -247,11 +247,12 @@ def inspect_cmd(checkpoint: Path = typer.Argument(..., help="A round's checkpoin
     names = load_class_list(data) if data else None
     res = inspect_image(checkpoint=checkpoint, image=image, crops=crops, out=out_png, class_names=names, seed=seed,
                         resolution=resolution, scale=(scale_lo, 1.0))
-    out.print(f"ground truth: {res['ground_truth'] or 'unknown'} ({res['resolution']}px crops)", highlight=False)
+    out.print(f"ground truth: {res['ground_truth'] or 'unknown'} ({res['resolution']}px crops)", highlight=False,
+              markup=False)
     for i, c in enumerate(res["crops"], 1):
         top = ", ".join(f"{name} {p:.2f}" for name, p in c["top5"])
         out.print(f"  crop {i} {c['box']}: {top}", highlight=False, markup=False)
-    out.print(f"wrote {res['out']}", highlight=False)
+    out.print(f"wrote {res['out']}", highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------------------------- eval, export

@@ -22,8 +22,9 @@ class RateColumn(ProgressColumn):
 
 def progress_bar(*, disable: bool = False, unit: str = "img/s", console: Console | None = None) -> Progress:
     # compact enough for an 80-column terminal: what, how far, how fast, how long to go, and a note
-    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(),
-                    RateColumn(unit), TimeRemainingColumn(compact=True), TextColumn("{task.fields[info]}"),
+    # descriptions and notes hold names from recipes and folders (`exp[v2]`, `crane [/], bird`): plain text
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(bar_width=10), MofNCompleteColumn(),
+                    RateColumn(unit), TimeRemainingColumn(compact=True), TextColumn("{task.fields[info]}", markup=False),
                     disable=disable, console=console)
 
 

@@ -228,10 +228,12 @@ SCREEN_COLUMNS = ("round", "model", "refinery", "epochs", "refinery_val_top1", "
 def summary_table(rows: list[dict], *, title: str):
     from rich import box
     from rich.table import Table
+    from rich.text import Text
     caption = "accuracies in %; train: on augmented crops vs the labels"
     if cut_note(rows):
         caption += "\n" + cut_note(rows)
-    t = Table(title=title, caption=caption,
+    # the title, caption and cells hold run and round names: Text, never parsed as markup (`exp[/]b`, `exp[v2]`)
+    t = Table(title=Text(title, style="table.title"), caption=Text(caption, style="table.caption"),
               box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     columns = [(k, h) for k, h in _columns(rows) if k in SCREEN_COLUMNS]
     # the refinery's architecture is in summary.md; on screen its round or checkpoint is enough
@@ -243,5 +245,5 @@ def summary_table(rows: list[dict], *, title: str):
         t.add_column(h, justify="left" if text else "right", overflow="fold",
                      min_width=min(widest, 24) if text else widest)
     for row in cells:
-        t.add_row(*row)
+        t.add_row(*(Text(c) for c in row))
     return t
