@@ -68,13 +68,30 @@ def print_error(message: str) -> None:
     a path like `dir[bold]x` or `got [1.0, 0.5]` print as they are), never terminal colour codes."""
     import re
     import sys
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message).replace("\r", " ").strip()
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", worker_error(message)).replace("\r", " ").strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     one = lines[0] if lines else "(no message)"
     if len(lines) > 1:
         one += " | " + " | ".join(lines[1:4]) + (" ..." if len(lines) > 4 else "")
     sys.stderr.write(f"error: {one}\n")
     sys.stderr.flush()
+
+
+def worker_error(message: str) -> str:
+    """A DataLoader worker's error as its own message: torch re-raises it in the main process as
+    "Caught E in DataLoader worker process N.\nOriginal Traceback ...\nmodule.E: the message", whose first
+    lines say nothing of the file; the original message comes first, then where it was caught."""
+    import re
+    m = re.match(r"Caught (\w+) (in DataLoader worker process \d+)\.\s*\nOriginal Traceback", message)
+    if not m:
+        return message
+    lines = message.rstrip().splitlines()
+    for i in range(len(lines) - 1, 0, -1):  # the traceback's last "Type: message" line (may span lines)
+        head = re.match(rf"^(?:[\w.]+\.)?{m.group(1)}: ?(.*)$", lines[i])
+        if head:
+            original = " ".join([head.group(1)] + [ln.strip() for ln in lines[i + 1:]]).strip()
+            return f"{original or m.group(1)} ({m.group(2)})"
+    return message
 
 
 def click_ctx():

@@ -53,3 +53,31 @@ def test_inspect_labels_print_as_they_are(tmp_path, monkeypatch):
     assert f"ground truth: {name} (32px crops)" in res.output
     assert f"{name} 0.90, exp[v2] 0.10" in res.output
     assert "exp[v2].png" in res.output
+
+
+class _Bad:
+    """A dataset whose item 3 fails as a loader fails on a bad file."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 3:
+            from fastrefine.errors import RunError
+            raise RunError("/data/fast/dali/train-000002.tar: image 3 (n01440764/x.JPEG) cannot be decoded "
+                           "(broken data stream)")
+        return i
+
+
+def test_a_dataloader_worker_error_prints_its_own_message_with_the_file(capsys):
+    import pytest
+    import torch.utils.data as tud
+    from fastrefine.cli import print_error
+    from fastrefine.errors import RunError
+    with pytest.raises(RunError) as caught:
+        list(tud.DataLoader(_Bad(), batch_size=2, num_workers=1))
+    assert str(caught.value).startswith("Caught RunError in DataLoader worker process 0")  # what torch raises
+    print_error(str(caught.value))
+    err = capsys.readouterr().err
+    assert err == ("error: /data/fast/dali/train-000002.tar: image 3 (n01440764/x.JPEG) cannot be decoded "
+                   "(broken data stream) (in DataLoader worker process 0)\n")
