@@ -54,8 +54,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = Tru
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+    except Exception as e:
+        # torch.save reports a full disk as RuntimeError("[enforce fail at inline_container.cc] ...
+        # unexpected pos"), the OSError(ENOSPC) of the failed write only in its context: look down the chain
+        if _no_space(e):
             raise RunError(f"{path}: no space left on device while writing it (the previous version, if "
                            f"any, is kept)") from None
         raise
@@ -64,6 +66,16 @@ def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = Tru
             tmp.unlink()
         except FileNotFoundError:
             pass
+
+
+def _no_space(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def write_text(path: Path, text: str) -> None:

@@ -93,3 +93,74 @@ def test_accepted_recipe_changes_are_recorded_with_their_epoch(killed_after_epoc
     info = json.loads((tmp_path / "runs/k/r0/run.json").read_text())
     assert info["recipe_changes"] == [{"from_epoch": 2, "from_step": 0, "keys": {"optim.lr": [0.1, 0.05]}}]
     assert (tmp_path / "runs/k/r0/done.json").is_file()
+
+
+def _fill_save(path):
+    """A checkpoint larger than the space left (about 1 MB of float32 weights)."""
+    import torch
+    from fastrefine import checkpoint as ckpt
+    ckpt.save_atomic({"model": {"w": torch.zeros(250_000)}, "meta": {}}, path)
+
+
+def test_a_real_full_disk_during_a_checkpoint_save_says_so_and_keeps_the_old_file(tmp_path):
+    """A 256 KiB tmpfs (mounted when this runs as root): torch.save's own error is
+    RuntimeError("[enforce fail at inline_container.cc] ... unexpected pos"); the message is the full disk."""
+    import subprocess
+    import torch
+    from fastrefine import checkpoint as ckpt
+    from fastrefine.errors import RunError
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the next test covers the same error chain")
+    try:
+        old = small / "last.pt"
+        ckpt.save_atomic({"model": {"w": torch.ones(4)}, "meta": {}}, old)
+        with pytest.raises(RunError, match=r"last.pt: no space left on device while writing it"):
+            _fill_save(old)
+        assert torch.equal(ckpt.load(old)["model"]["w"], torch.ones(4))     # the old file kept
+        assert [p.name for p in small.iterdir()] == ["last.pt"]            # no temporary left
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_full_disk_inside_torch_save_is_found_in_the_error_chain(tmp_path, monkeypatch):
+    """The same case without a mount: every write past 100 KB fails with ENOSPC, as a full disk's would,
+    and torch.save turns it into its RuntimeError."""
+    import builtins
+    import errno as errno_mod
+    from fastrefine import checkpoint as ckpt
+    from fastrefine.errors import RunError
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh, self.n = fh, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 100_000:
+                raise OSError(errno_mod.ENOSPC, "No space left on device")
+            return self.fh.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def small_disk_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        return Full(fh) if ".tmp-" in str(path) and "w" in mode else fh
+    monkeypatch.setattr(ckpt, "open", small_disk_open, raising=False)
+    with pytest.raises(RunError, match=r"last.pt: no space left on device") as caught:
+        _fill_save(tmp_path / "last.pt")
+    assert not list(tmp_path.iterdir())
+    import torch   # what torch.save itself raises on that write: not an OSError
+    with pytest.raises(RuntimeError, match="inline_container"):
+        with small_disk_open(tmp_path / ".raw.tmp-1", "wb") as fh:
+            torch.save({"w": torch.zeros(250_000)}, fh)
