@@ -62,7 +62,7 @@ def test_torn_metrics_line_is_skipped_and_the_run_finishes(tmp_path, demo_tree, 
         f.write('{"kind": "step", "epoch": 1, "lo')  # a full disk in the middle of a line
     assert all(isinstance(m, dict) for m in read_metrics(metrics)) and "damaged" in caplog.text
     (tmp_path / "runs/torn/r0/done.json").unlink()
-    rows = run_recipe(load_recipe(p))  # one more epoch: resumes, cuts the log back, appends, plots
+    rows = run_recipe(load_recipe(p), accept_changes=True)  # one more epoch: resumes, cuts the log back, appends, plots
     assert rows[0]["epochs"] == 2 and (tmp_path / "runs/torn/r0/curves.png").is_file()
     lines = metrics.read_text().splitlines()
     assert all(json.loads(x) for x in lines)  # the torn line is gone
