@@ -232,8 +232,8 @@ def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also wr
     report = collect()
     render(report, out)
     if json_out:
-        import json
-        json_out.write_text(json.dumps(report, indent=2))
+        from .output import write_json_report
+        write_json_report(json_out, report)
 
 
 # ---------------------------------------------------------------------------------------------- bench

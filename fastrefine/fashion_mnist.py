@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checkpoint import atomic_write, read_json_marker, write_json
+from .checkpoint import atomic_write, read_json_marker, write_json, write_text
 from .errors import UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -83,8 +83,8 @@ def export_fashion_mnist(out: str | Path, *, size: int = 64, quality: int = 90,
         raise UsageError(f"--size: expected >= 8, got {size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(WNIDS, CLASS_NAMES)))
-    (out / "classes.txt").write_text("".join(n + "\n" for n in CLASS_NAMES))
+    write_text(out / "LOC_synset_mapping.txt", "".join(f"{w} {n}\n" for w, n in zip(WNIDS, CLASS_NAMES)))
+    write_text(out / "classes.txt", "".join(n + "\n" for n in CLASS_NAMES))
     settings = {"size": size, "quality": quality, "limit_per_class": limit_per_class or 0}
     counts = {}
     for split in ("train", "val"):

@@ -213,9 +213,8 @@ def _draw(*, img, boxes, crops_out: list[dict], crop_images: list, gt: str | Non
         ax_bar.tick_params(axis="x", labelsize=7)
         note = f"p(gt) = {rec['gt_prob']:.2f}" if rec.get("gt_prob") is not None else "top-5"
         ax_bar.set_title(note, fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    from .report import save_figure
+    save_figure(fig, out, bbox_inches="tight")
 
 
 # -------------------------------------------------------------------------------------------- main

@@ -34,8 +34,8 @@ def register(app: typer.Typer, *, handle_errors, console) -> None:
                                 weights=weights, class_map=class_map, max_batches=max_batches)
         render(report, console)
         if json_out is not None:
-            from .checkpoint import write_json
-            write_json(json_out, report)
+            from .output import write_json_report
+            write_json_report(json_out, report)
             console.print(f"wrote {json_out}", highlight=False, markup=False, soft_wrap=True)
 
     @app.command("export")

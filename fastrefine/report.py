@@ -25,6 +25,17 @@ def _step_positions(records: list[dict]) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def save_figure(fig, png: Path, **savefig) -> None:
+    """A matplotlib figure as a PNG, written atomically (a reader never sees half a figure), then closed."""
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+    try:
+        atomic_write(Path(png), lambda fh: fig.savefig(fh, format="png", dpi=100, **savefig))
+    finally:
+        plt.close(fig)
+
+
 def plot_curves(metrics_path: Path, png: Path, *, title: str) -> Path | None:
     """Train/val loss and top-1 per epoch, from metrics.jsonl, as a PNG: the step-level training loss
     behind the per-epoch means, epochs on integer ticks, the refinery's val top-1 as a line when the
@@ -57,9 +68,7 @@ def plot_curves(metrics_path: Path, png: Path, *, title: str) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)
     return png
 
 
@@ -151,9 +160,7 @@ def plot_chain(rows: list[dict], png: Path, *, title: str) -> Path | None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(title + ": arrows run from each refinery to the round it labels", fontsize=9)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)
     return png
 
 

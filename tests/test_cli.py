@@ -92,3 +92,26 @@ def test_doctor_reports_backends():
     assert report["backends"]["ffcv"]["works"], report["backends"]["ffcv"]
     if not report["cuda_available"]:
         assert "CPU-only" in report["backends"]["dali"]["detail"]
+
+
+def test_json_reports_go_atomically_to_files_and_straight_to_streams(tmp_path):
+    """`--json PATH`: a file is replaced whole (temporary + rename); a FIFO (like /dev/stdout) is written
+    as a stream, never renamed over."""
+    import json
+    import os
+    import threading
+
+    from fastrefine.output import write_json_report
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    write_json_report(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]          # no temporary left
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(text=fifo.read_text()))
+    reader.start()
+    write_json_report(fifo, {"b": 2})
+    reader.join(timeout=30)
+    assert json.loads(got["text"]) == {"b": 2} and fifo.is_fifo()

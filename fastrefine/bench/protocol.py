@@ -128,9 +128,10 @@ def make_record(*, command: str, settings: dict, results: list[dict], summary: d
 
 
 def write_json(path: Path | None, record: dict) -> None:
+    """The record at `path` (none when None): atomically to a file, straight to a stream (output.py)."""
     if path is not None:
-        from ..checkpoint import write_json as atomic_json
-        atomic_json(Path(path), record)
+        from ..output import write_json_report
+        write_json_report(Path(path), record)
 
 
 def proc_status_kib(field: str, pid: str = "self") -> int | None:
