@@ -133,22 +133,22 @@ def _convert(layout: str, src: Path, dst: Path, fmt: str, max_side: int, quality
                     ffcv_mode=ffcv_mode, shard_size=shard_size, progress=progress, strict=strict)
 
 
-_FMT = typer.Option("both", "--format", help="ffcv, dali or both.")
-_MAXSIDE = typer.Option(256, "--max-side", min=16, help="Longer side of the re-encoded JPEGs (never upscaled).")
-_QUALITY = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality of the re-encoded images.")
-_WORKERS = typer.Option(None, "--workers", min=1, help="Processes (default: all cores).")
-_SPLITS = typer.Option("train,val", "--splits", help="Which splits to convert.")
-_LIMIT = typer.Option(None, "--limit-per-class", min=1, help="At most K images per class (quick subsets).")
+_FMT = typer.Option("both", "--format", metavar="ffcv|dali|both", help="ffcv, dali or both.")
+_MAXSIDE = typer.Option(256, "--max-side", min=16, metavar="PX", help="Longer side of the re-encoded JPEGs (never upscaled).")
+_QUALITY = typer.Option(90, "--quality", min=1, max=100, metavar="Q", help="JPEG quality of the re-encoded images.")
+_WORKERS = typer.Option(None, "--workers", min=1, metavar="N", help="Processes (default: all cores).")
+_SPLITS = typer.Option("train,val", "--splits", metavar="LIST", help="Which splits to convert: train, val or both (a comma list).")
+_LIMIT = typer.Option(None, "--limit-per-class", min=1, metavar="K", help="At most K images per class (quick subsets).")
 _FORCE = typer.Option(False, "--force", help="Redo everything, overwriting OUT.")
-_MODE = typer.Option("proportion", "--ffcv-mode", help="FFCV RGBImageField write_mode: jpg, proportion, smart or raw.")
-_SHARD = typer.Option(1000, "--shard-size", min=1, help="Images per DALI webdataset shard.")
+_MODE = typer.Option("proportion", "--ffcv-mode", metavar="MODE", help="FFCV RGBImageField write_mode: jpg, proportion, smart or raw.")
+_SHARD = typer.Option(1000, "--shard-size", min=1, metavar="N", help="Images per DALI webdataset shard.")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="Progress bars.")
 _STRICT = typer.Option(False, "--strict", help="Skip JPEGs on which libjpeg warns (corrupt data it steps over); without it they are kept and listed in the manifest with the warning.")
 
 
 @convert_app.command("imagenet")
 @handle_errors
-def convert_imagenet(src: Path = typer.Argument(..., help="ImageNet root: train/<wnid>/*.JPEG and val/ (class folders, or flat with LOC_val_solution.csv)."),
+def convert_imagenet(src: Path = typer.Argument(..., metavar="SRC", help="ImageNet root: train/<wnid>/*.JPEG and val/ (class folders, or flat with LOC_val_solution.csv)."),
                      out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder (manifest.json, .beton files, dali/ shards)."),
                      fmt: str = _FMT, max_side: int = _MAXSIDE, quality: int = _QUALITY,
                      workers: Optional[int] = _WORKERS, splits: str = _SPLITS,
@@ -161,7 +161,7 @@ def convert_imagenet(src: Path = typer.Argument(..., help="ImageNet root: train/
 
 @convert_app.command("folder")
 @handle_errors
-def convert_folder(src: Path = typer.Argument(..., help="ImageFolder root with train/<class>/ and val/<class>/."),
+def convert_folder(src: Path = typer.Argument(..., metavar="SRC", help="ImageFolder root with train/<class>/ and val/<class>/."),
                    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output folder."),
                    fmt: str = _FMT, max_side: int = _MAXSIDE, quality: int = _QUALITY,
                    workers: Optional[int] = _WORKERS, splits: str = _SPLITS,
@@ -176,12 +176,12 @@ def convert_folder(src: Path = typer.Argument(..., help="ImageFolder root with t
 
 @app.command("run")
 @handle_errors
-def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes/)."),
+def run(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A recipe TOML file (see recipes/)."),
         overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                             help="Override a recipe key, e.g. --set optim.lr=0.4 --set rounds[1].epochs=3."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan, then exit."),
         restart: bool = typer.Option(False, "--restart", help="Ignore checkpoints in the run folder and start over."),
-        only: Optional[str] = typer.Option(None, "--round", help="Run only this round (its refinery must exist)."),
+        only: Optional[str] = typer.Option(None, "--round", metavar="NAME", help="Run only this round (its refinery must exist)."),
         accept_changes: bool = typer.Option(False, "--accept-changes",
                                             help="Resume a round whose recipe changed (the changes and the epoch "
                                                  "they apply from are recorded in run.json)."),
@@ -226,7 +226,7 @@ def run(recipe: Path = typer.Argument(..., help="A recipe TOML file (see recipes
 
 @app.command("doctor")
 @handle_errors
-def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON.")):
+def doctor(json_out: Optional[Path] = typer.Option(None, "--json", metavar="PATH", help="Also write the report as JSON.")):
     """Versions, GPUs, CPUs, and which loader backends work here (and why one does not)."""
     from .doctor import collect, render
     report = collect()
@@ -251,14 +251,14 @@ _register_bench()
 
 @app.command("inspect")
 @handle_errors
-def inspect_cmd(checkpoint: Path = typer.Argument(..., help="A round's checkpoint (best.pt / last.pt)."),
-                image: Path = typer.Argument(..., help="An image; its parent folder names the ground truth when it is a class folder."),
-                crops: int = typer.Option(4, "--crops", min=1, max=16, help="Random resized crops to draw."),
-                out_png: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: IMAGE-inspect.png here)."),
-                data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder for class names (default: the run's)."),
-                seed: int = typer.Option(0, "--seed", help="Seed of the crop boxes."),
-                resolution: Optional[int] = typer.Option(None, "--resolution", min=8, help="Crop size fed to the model (default: the run's)."),
-                scale_lo: float = typer.Option(0.08, "--min-scale", min=0.01, max=1.0, help="Smallest crop area, as a fraction of the image.")):
+def inspect_cmd(checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A round's checkpoint (best.pt / last.pt)."),
+                image: Path = typer.Argument(..., metavar="IMAGE", help="An image; its parent folder names the ground truth when it is a class folder."),
+                crops: int = typer.Option(4, "--crops", min=1, max=16, metavar="N", help="Random resized crops to draw."),
+                out_png: Optional[Path] = typer.Option(None, "--out", metavar="PATH", help="PNG to write (default: IMAGE-inspect.png here)."),
+                data: Optional[Path] = typer.Option(None, "--data", metavar="DATA", help="Dataset folder for class names (default: the run's)."),
+                seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the crop boxes."),
+                resolution: Optional[int] = typer.Option(None, "--resolution", min=8, metavar="PX", help="Crop size fed to the model (default: the run's)."),
+                scale_lo: float = typer.Option(0.08, "--min-scale", min=0.01, max=1.0, metavar="F", help="Smallest crop area, as a fraction of the image.")):
     """The refinery's top-5 on random crops of one image, beside the ground truth (the paper's Figure 1)."""
     from .inspect_crops import inspect_image, load_class_list
     names = load_class_list(data) if data else None

@@ -127,12 +127,12 @@ def register(app, *, handle_errors, console) -> None:
 
 def _json_opt():
     import typer
-    return typer.Option(None, "--json", help="Also write everything (settings, every repeat) as JSON here.")
+    return typer.Option(None, "--json", metavar="PATH", help="Also write everything (settings, every repeat) as JSON here.")
 
 
 def _repeats_opt():
     import typer
-    return typer.Option(3, "--repeats", min=MIN_REPEATS, help="Timed repeats (median and spread).")
+    return typer.Option(3, "--repeats", min=MIN_REPEATS, metavar="N", help="Timed repeats (median and spread).")
 
 
 def _add_decode(app, *, handle_errors, console) -> None:
@@ -140,13 +140,14 @@ def _add_decode(app, *, handle_errors, console) -> None:
 
     @app.command("decode")
     @handle_errors
-    def decode(data: Path = typer.Argument(..., help="A converted folder (manifest.json) or an ImageFolder tree."),
-               split: str = typer.Option("train", "--split"),
-               images: int = typer.Option(2000, "--images", min=1, help="JPEGs to read into memory and decode."),
-               source: str = typer.Option("auto", "--source", help="auto, dali (shard JPEGs), ffcv (.beton) or folder."),
-               decoder: str = typer.Option("cv2", "--decoder", help="cv2 (OpenCV's libjpeg-turbo), pil (the torch loader's) or turbo (FFCV's own TurboJPEG call, fast DCT; the loader bench's ceiling)."),
-               workers: Optional[int] = typer.Option(None, "--workers", help="Pool size (default: all cores; at most 4 per core)."),
-               warmup: int = typer.Option(1, "--warmup", min=0), repeats: int = _repeats_opt(),
+    def decode(data: Path = typer.Argument(..., metavar="DATA", help="A converted folder (manifest.json) or an ImageFolder tree."),
+               split: str = typer.Option("train", "--split", metavar="train|val", help="The split whose JPEGs are read."),
+               images: int = typer.Option(2000, "--images", min=1, metavar="N", help="JPEGs to read into memory and decode."),
+               source: str = typer.Option("auto", "--source", metavar="auto|dali|ffcv|folder", help="auto, dali (shard JPEGs), ffcv (.beton) or folder."),
+               decoder: str = typer.Option("cv2", "--decoder", metavar="cv2|pil|turbo", help="cv2 (OpenCV's libjpeg-turbo), pil (the torch loader's) or turbo (FFCV's own TurboJPEG call, fast DCT; the loader bench's ceiling)."),
+               workers: Optional[int] = typer.Option(None, "--workers", metavar="N", help="Pool size (default: all cores; at most 4 per core)."),
+               warmup: int = typer.Option(1, "--warmup", min=0, metavar="N", help="Untimed passes before the repeats."),
+               repeats: int = _repeats_opt(),
                json_out: Optional[Path] = _json_opt()):
         """JPEG decode alone (no augmentation), one process and all cores: the loaders' ceiling."""
         rec = run_decode(data=data, split=split, images=images, source=source, decoder=decoder, workers=workers,
@@ -160,28 +161,27 @@ def _add_loader(app, *, handle_errors, console) -> None:
 
     @app.command("loader")
     @handle_errors
-    def loader(data: Path = typer.Argument(..., help="A converted folder (manifest.json) or an ImageFolder tree."),
-               backend: str = typer.Option("dali,ffcv,torch", "--backend", help="Comma list of backends."),
-               split: str = typer.Option("train", "--split"),
-               resolution: int = typer.Option(224, "--resolution", help="Output side in px (8 to 4096)."),
-               batch_size: int = typer.Option(256, "--batch-size", min=1),
-               batches: int = typer.Option(20, "--batches", min=1, help="Batches per timed repeat."),
-               warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed batches after the first."),
+    def loader(data: Path = typer.Argument(..., metavar="DATA", help="A converted folder (manifest.json) or an ImageFolder tree."),
+               backend: str = typer.Option("dali,ffcv,torch", "--backend", metavar="LIST", help="Comma list of backends: dali, ffcv, torch."),
+               split: str = typer.Option("train", "--split", metavar="train|val", help="The split to load (train: with random crops and flips)."),
+               resolution: int = typer.Option(224, "--resolution", metavar="PX", help="Output side in px (8 to 4096)."),
+               batch_size: int = typer.Option(256, "--batch-size", min=1, metavar="N", help="Images per batch."),
+               batches: int = typer.Option(20, "--batches", min=1, metavar="N", help="Batches per timed repeat."),
+               warmup: int = typer.Option(5, "--warmup", min=0, metavar="N", help="Untimed batches after the first."),
                repeats: int = _repeats_opt(),
-               workers: Optional[int] = typer.Option(None, "--workers", help="Loader workers (default: all cores; at most 4 per core)."),
-               device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-               baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", help="Original JPEG ImageFolder for the torchvision baseline (default: the split's source folder)."),
-               baseline_workers: int = typer.Option(2, "--baseline-workers", min=0),
+               workers: Optional[int] = typer.Option(None, "--workers", metavar="N", help="Loader workers (default: all cores; at most 4 per core)."),
+               device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where batches are delivered."),
+               baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", metavar="PATH", help="Original JPEG ImageFolder for the torchvision baseline (default: the split's source folder)."),
+               baseline_workers: int = typer.Option(2, "--baseline-workers", min=0, metavar="N", help="DataLoader worker processes of the torchvision baseline."),
                ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Also measure the decode ceiling."),
-               ceiling_images: int = typer.Option(1000, "--ceiling-images", min=1, help="JPEGs read for the ceiling and --decode-resize."),
+               ceiling_images: int = typer.Option(1000, "--ceiling-images", min=1, metavar="N", help="JPEGs read for the ceiling and --decode-resize."),
                decode_resize: bool = typer.Option(False, "--decode-resize", help="Also time full decode + random crop + resize to --resolution in numba threads, nothing else (needs FFCV): the least a loader that decodes whole images must do."),
-               ffcv_decoders: str = typer.Option("fast", "--ffcv-decoders", help="Comma list of FFCV decoders to time side by side on the same .beton: fast (fastrefine's), stock (FFCV's)."),
-               rounds: int = typer.Option(1, "--rounds", min=1, help="Time the cases in turn this many times (A B A B ...); figures over all rounds."),
+               ffcv_decoders: str = typer.Option("fast", "--ffcv-decoders", metavar="LIST", help="Comma list of FFCV decoders to time side by side on the same .beton: fast (fastrefine's), stock (FFCV's)."),
+               rounds: int = typer.Option(1, "--rounds", min=1, metavar="N", help="Time the cases in turn this many times (A B A B ...); figures over all rounds."),
                baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the torchvision ImageFolder baseline."),
-               torch_decodes: str = typer.Option("auto", "--torch-decodes", help="Comma list of torch-backend decode modes to time side by side: auto, host (PIL in workers), device (batched decode_jpeg; nvJPEG on CUDA)."),
+               torch_decodes: str = typer.Option("auto", "--torch-decodes", metavar="LIST", help="Comma list of torch-backend decode modes to time side by side: auto, host (PIL in workers), device (batched decode_jpeg; nvJPEG on CUDA)."),
                json_out: Optional[Path] = _json_opt()):
-        """Each loader backend alone beside the torchvision ImageFolder baseline; failures say why (exit 1
-        when every case failed)."""
+        """Each loader backend alone beside the torchvision ImageFolder baseline; failures say why (exit 1 when every case failed)."""
         rec = run_loader(data=data, backends=_csv(backend, what="--backend"), split=split, resolution=resolution,
                          batch_size=batch_size, batches=batches, warmup=warmup, repeats=repeats, workers=workers,
                          device=device, baseline_folder=baseline_folder, baseline_workers=baseline_workers,
@@ -200,16 +200,17 @@ def _add_step(app, *, handle_errors, console) -> None:
 
     @app.command("step")
     @handle_errors
-    def step(model: str = typer.Option("resnet18", "--model"),
-             refinery: str = typer.Option("same", "--refinery", help="Comma list: a model name, same, none."),
-             resolution: int = typer.Option(224, "--resolution", min=1),
-             batch_size: int = typer.Option(64, "--batch-size", min=1),
-             num_classes: int = typer.Option(1000, "--classes", min=1),
-             precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 (CUDA) or fp32."),
-             device: str = typer.Option("auto", "--device"),
-             channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
+    def step(model: str = typer.Option("resnet18", "--model", metavar="NAME", help="The student (a model of the registry)."),
+             refinery: str = typer.Option("same", "--refinery", metavar="LIST", help="Comma list: a model name, same, none."),
+             resolution: int = typer.Option(224, "--resolution", min=1, metavar="PX", help="Input side in px."),
+             batch_size: int = typer.Option(64, "--batch-size", min=1, metavar="N", help="Images per step."),
+             num_classes: int = typer.Option(1000, "--classes", min=1, metavar="N", help="Classes of student and refinery."),
+             precision: str = typer.Option("auto", "--precision", metavar="NAME", help="Autocast: auto, bf16, fp16 (CUDA) or fp32."),
+             device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where the step runs."),
+             channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="Memory format of inputs and models."),
              compile: bool = typer.Option(False, "--compile", help="torch.compile student and refinery (first call timed apart)."),
-             warmup: int = typer.Option(2, "--warmup", min=0), iters: int = typer.Option(5, "--iters", min=1),
+             warmup: int = typer.Option(2, "--warmup", min=0, metavar="N", help="Untimed steps before the repeats."),
+             iters: int = typer.Option(5, "--iters", min=1, metavar="N", help="Steps per timed repeat."),
              repeats: int = _repeats_opt(), json_out: Optional[Path] = _json_opt()):
         """The train step alone on synthetic device tensors: student alone vs student + refinery."""
         if precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -226,14 +227,15 @@ def _add_train(app, *, handle_errors, console) -> None:
 
     @app.command("train")
     @handle_errors
-    def train(recipe: Path = typer.Argument(..., help="A recipe TOML."),
-              overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE"),
-              round_name: Optional[str] = typer.Option(None, "--round", help="Which round (default: the last)."),
-              steps: int = typer.Option(20, "--steps", min=1, help="Steps per timed repeat."),
-              warmup: int = typer.Option(3, "--warmup", min=0), repeats: int = _repeats_opt(),
+    def train(recipe: Path = typer.Argument(..., metavar="RECIPE", help="A recipe TOML."),
+              overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key, as in run."),
+              round_name: Optional[str] = typer.Option(None, "--round", metavar="NAME", help="Which round (default: the last)."),
+              steps: int = typer.Option(20, "--steps", min=1, metavar="N", help="Steps per timed repeat."),
+              warmup: int = typer.Option(3, "--warmup", min=0, metavar="N", help="Untimed steps before the repeats."),
+              repeats: int = _repeats_opt(),
               baseline: bool = typer.Option(False, "--baseline", help="Also time the plain torchvision loop (fp32, and channels_last + the precision fastrefine picks here: bf16 where the hardware has it) on the same images and model pair, alternating."),
               baseline_bf16: bool = typer.Option(False, "--baseline-bf16", help="With --baseline, also time channels_last + bf16 where fastrefine picks another precision (a CPU without native bf16: slow, emulated)."),
-              baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", help="ImageFolder for the baseline (default: the dataset's source train folder)."),
+              baseline_folder: Optional[Path] = typer.Option(None, "--baseline-folder", metavar="PATH", help="ImageFolder for the baseline (default: the dataset's source train folder)."),
               json_out: Optional[Path] = _json_opt()):
         """The trainer's own epoch loop end to end from a recipe, and loader and step alone."""
         rec = run_train(recipe_path=recipe, overrides=overrides, round_name=round_name, steps=steps,
