@@ -218,3 +218,29 @@ def test_ranks_that_do_not_share_the_run_folder_stop_at_start_naming_run_out(tmp
     assert len(lines) == 2, res.stderr[-3000:]    # every rank stops, each with the same one line
     assert all("run.out = " in ln and "rank 1 on" in ln and "does not see the run folder" in ln for ln in lines)
     assert not (tmp_path / "node0/runs/split/r0").exists()   # nothing trained
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_is_one_line_and_exit_143(tmp_path, demo_tree):
+    """`kill -TERM -PGID` (a scheduler signalling the job's process group, the DataLoader worker included):
+    the run exits 143 with its one line and no traceback from any process (an EOFError traceback was
+    printed when SIGTERM ended the main process under its DataLoader workers)."""
+    p = write_recipe(tmp_path, demo_tree, name="pg", rounds='[[rounds]]\nname = "r0"\nepochs = 3\n', workers=1)
+    metrics = tmp_path / "runs/pg/r0/metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "fastrefine", "run", str(p)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while (not metrics.exists() or '"kind": "step"' not in metrics.read_text()) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "EOFError" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "stopped by SIGTERM at epoch 1 step" in errors[0], err[-2000:]

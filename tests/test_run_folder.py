@@ -164,3 +164,9 @@ def test_a_full_disk_inside_torch_save_is_found_in_the_error_chain(tmp_path, mon
     with pytest.raises(RuntimeError, match="inline_container"):
         with small_disk_open(tmp_path / ".raw.tmp-1", "wb") as fh:
             torch.save({"w": torch.zeros(250_000)}, fh)
+
+
+def test_a_recipe_with_a_utf8_bom_is_read(tmp_path, demo_tree):
+    p = write_recipe(tmp_path, demo_tree, name="bom", rounds=ONE)
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())   # what Notepad writes at the start
+    assert load_recipe(p).run.name == "bom"
