@@ -2,9 +2,9 @@
 
 The model is a checkpoint fastrefine wrote (best.pt, last.pt) or "torchvision:NAME" (weights from a
 local .pth or the torch hub cache, as a torchvision refinery's: never downloaded). The images come
-through the loader `run` builds (`round.make_loader`-equivalent `loaders.build` with the same options)
-and the numbers from `engine.evaluate`, the function `run` records val top-1 with, so a round's
-checkpoint evaluated with its run's settings gives the round's recorded val top-1.
+through `loaders.build` with the options `round.make_loader` gives it for the val split (the run's
+backend tables included) and the numbers from `engine.evaluate`, the function `run` records val top-1
+with, so a round's checkpoint evaluated with its run's settings gives the round's recorded val top-1.
 
 Settings not given on the command line come from the round beside the checkpoint (its recipe.toml
 and run.json: val resolution, crop ratio, val batch size, precision, channels_last, and the backend
@@ -186,7 +186,8 @@ def evaluate_model(spec: str, data: Path, *, split: str = "val", resolution: int
     # when asked: resize + centre crop, no augmentation, every image once, in file order
     loader = build(data=data, backend=be, split=split, batch_size=s.batch_size, resolution=s.resolution, device=dev,
                    dtype=prec.input_dtype, seed=0, workers=threads.workers, val_crop_ratio=s.crop_ratio,
-                   channels_last=s.channels_last, shuffle=False, drop_last=False, **_eval_augmentation(split))
+                   channels_last=s.channels_last, shuffle=False, drop_last=False,
+                   backend_options=_backend_options(loaded.context.recipe), **_eval_augmentation(split))
     try:
         res = evaluate(model, loader, autocast=prec.autocast, max_batches=max_batches, num_classes=num_classes)
     finally:
@@ -207,6 +208,16 @@ def evaluate_model(spec: str, data: Path, *, split: str = "val", resolution: int
                          "backend": be, "backend_reason": be_reason, "precision": prec.name,
                          "channels_last": s.channels_last, "device": str(dev), "loader_workers": threads.workers,
                          "torch_threads": torch.get_num_threads(), "max_batches": max_batches, "from": s.why}}
+
+
+def _backend_options(recipe: Recipe | None) -> dict:
+    """The run's [loader.ffcv] / [loader.dali] / [loader.torch] tables (decoders and the like), as
+    round.make_loader passes them; none without a run beside the checkpoint."""
+    if recipe is None:
+        return {}
+    from .loaders.options import as_kwargs
+    lc = recipe.loader
+    return {"ffcv": as_kwargs(lc.ffcv), "dali": as_kwargs(lc.dali), "torch": as_kwargs(lc.torch)}
 
 
 def _class_labels(data: Path, names: list[str]) -> list[str]:
