@@ -177,8 +177,9 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
         refinery_desc = "?"
         if env is None:
             s_step = lc.batch_size * procs / throughput
-            timings = [ResolutionTiming(r, n, s_step, f"{lc.batch_size * procs} images / {throughput:g} img/s")
-                       for r, n in res_epochs.items()]
+            how = f"{lc.batch_size * procs} images / {throughput:g} img/s" + (
+                ", the same at every resolution" if len(res_epochs) > 1 else "")
+            timings = [ResolutionTiming(r, n, s_step, how) for r, n in res_epochs.items()]
             from .recipe import round_refinery
             refinery_desc = round_refinery(recipe, i)
         else:
