@@ -34,7 +34,7 @@ def make_scenes_module():
 
 @pytest.fixture(scope="module")
 def scenes(demo_tree, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("scenes") / "k2"
+    out = tmp_path_factory.mktemp("scenes") / "scenes-k2"
     rc = make_scenes_module().main([str(demo_tree), str(out), "--objects", "2", "--size", "48",
                                     "--train", "24", "--val", "12", "--seed", "1"])
     assert rc == 0
@@ -214,3 +214,16 @@ seed_from = "labels"
     assert "| labels | none |" in md and "| refined | labels |" in md and "| labels |" in md.split("| refined |")[1]
     assert (run / "chain.png").stat().st_size > 1000 and (run / "refined" / "curves.png").is_file()
     assert rows[1]["refinery_val_top1"] == pytest.approx(rows[0]["val_top1"])
+
+
+def test_crop_measurements_of_the_study(scenes, tmp_path):
+    """Whole-image crops (scale [1, 1]) hold every object: none misses the label; random small crops do."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import scenes_study
+    a = scenes_study.parse(["--recipe", str(ROOT / "recipes" / "scenes.toml"), "--data-root", str(scenes.parent),
+                            "--out", str(tmp_path)])
+    whole = scenes_study.measure_crops(a, 2, limit=24, scale=(1.0, 1.0))
+    assert whole["crops"] == 24 and whole["below_half_of_labelled"] == 0 and whole["no_object"] == 0
+    assert whole["label_is_dominant"] == 1 and "refinery_names_dominant" not in whole   # no labels round here
+    small = scenes_study.measure_crops(a, 2, limit=24, scale=(0.05, 0.1))
+    assert small["below_half_of_labelled"] > 0.3 and small["label_is_dominant"] < 1
