@@ -65,7 +65,8 @@ def train_one(a, k: int, seed: int, parts: str) -> None:
     chain = recipe(a, k=k, seed=seed)
     if "2" not in parts:                     # no second refinement: labels and refined only
         chain["rounds"] = chain["rounds"][:2]
-    run(chain)
+    if not a.skip_chain:
+        run(chain)
     labels = chain["rounds"][0]
     if "i" in parts:
         raw = recipe(a, k=k, seed=seed, suffix="-image")
@@ -287,6 +288,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--measure", action="store_true", help="also measure the crops (needs the labels rounds)")
     ap.add_argument("--measure-scales", nargs="*", default=[], metavar="LO,HI",
                     help="with --measure: also measure the crops at these area ranges (e.g. 0.08,0.25 0.25,1)")
+    ap.add_argument("--skip-chain", action="store_true",
+                    help="run only the image/jitter parts (their labels round must be finished)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--docs", type=Path, default=None, help="write results-scenes.png here")
     return ap.parse_args(argv)
