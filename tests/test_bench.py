@@ -224,6 +224,8 @@ epochs = 1
     (["bench", "decode", "/tmp", "--workers", "100000"], "--workers 100000: expected 1 to"),
     (["bench", "loader", "/tmp", "--workers", "0"], "--workers 0: expected 1 to"),
     (["bench", "loader", "/tmp", "--resolution", "100000"], "--resolution 100000: expected 8 to 4096"),
+    (["bench", "loader", "/tmp", "--resolution", "4096"], "one fp32 batch is 48.0 GiB, more than the 8 GiB"),
+    (["bench", "step", "--model", "tiny_cnn", "--resolution", "100000"], "--resolution 100000: expected 8 to 4096"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
     res = runner.invoke(app, args)

@@ -202,7 +202,7 @@ def _add_step(app, *, handle_errors, console) -> None:
     @handle_errors
     def step(model: str = typer.Option("resnet18", "--model", metavar="NAME", help="The student (a model of the registry)."),
              refinery: str = typer.Option("same", "--refinery", metavar="LIST", help="Comma list: a model name, same, none."),
-             resolution: int = typer.Option(224, "--resolution", min=1, metavar="PX", help="Input side in px."),
+             resolution: int = typer.Option(224, "--resolution", min=1, metavar="PX", help="Input side in px (8 to 4096; one fp32 batch at most 8 GiB)."),
              batch_size: int = typer.Option(64, "--batch-size", min=1, metavar="N", help="Images per step."),
              num_classes: int = typer.Option(1000, "--classes", min=1, metavar="N", help="Classes of student and refinery."),
              precision: str = typer.Option("auto", "--precision", metavar="NAME", help="Autocast: auto, bf16, fp16 (CUDA) or fp32."),

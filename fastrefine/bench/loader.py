@@ -14,12 +14,11 @@ from ..errors import UsageError
 
 from .baseline import NAME as BASELINE, BaselineLoader
 from .decode import _image_folder, fastest_decoder, run_decode, run_decode_resize
-from .protocol import check_workers, clock_name, make_record, pick_device, rates, time_batches
+from .protocol import check_batch, check_workers, clock_name, make_record, pick_device, rates, time_batches
 
 log = logging.getLogger("fastrefine.bench")
 
 TORCH_DECODES = ("auto", "host", "device")
-MAX_RESOLUTION = 4096  # a 4096 px batch of 256 is 12 GiB of fp32: past any training resolution
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Case:
 
 
 def _check_choices(*, data: Path, backends: list[str], ffcv_decoders: list[str], torch_decodes: list[str],
-                   rounds: int, resolution: int) -> None:
+                   rounds: int, resolution: int, batch_size: int) -> None:
     """Every option checked before anything is timed: one line naming the option."""
     from ..loaders import BACKENDS
     from ..loaders.ffcv import DECODERS
@@ -44,8 +43,7 @@ def _check_choices(*, data: Path, backends: list[str], ffcv_decoders: list[str],
             raise UsageError(f"{opt}: unknown {bad}; expected a comma list of {', '.join(allowed)}")
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
-    if not 8 <= resolution <= MAX_RESOLUTION:
-        raise UsageError(f"--resolution {resolution}: expected 8 to {MAX_RESOLUTION} px")
+    check_batch(resolution=resolution, batch_size=batch_size)
 
 
 def _backend_cases(*, data: Path, backends: list[str], ffcv_decoders: list[str], torch_decodes: list[str],
@@ -130,7 +128,7 @@ def run_loader(*, data: Path, backends: list[str], split: str, resolution: int, 
     data = Path(data)
     ffcv_decoders, torch_decodes = list(ffcv_decoders or ["fast"]), list(torch_decodes or ["auto"])
     _check_choices(data=data, backends=backends, ffcv_decoders=ffcv_decoders, torch_decodes=torch_decodes,
-                   rounds=rounds, resolution=resolution)
+                   rounds=rounds, resolution=resolution, batch_size=batch_size)
     dev = pick_device(device)
     dtype = resolve_precision("auto", dev).input_dtype
     workers = check_workers(workers, option="--workers")

@@ -112,6 +112,22 @@ def check_workers(workers: int | None, *, option: str) -> int:
     return workers
 
 
+MAX_RESOLUTION = 4096          # as a recipe's loader.resolution: past any training resolution
+MAX_BATCH_BYTES = 8 * 2**30    # one fp32 image batch: 224 px x 256 is 154 MB, 1024 px x 256 3.2 GB
+
+
+def check_batch(*, resolution: int, batch_size: int) -> None:
+    """A bench's --resolution and --batch-size: 8 to MAX_RESOLUTION px, and one fp32 batch of at most
+    MAX_BATCH_BYTES (a loader holds a few, a step several activations of it); else one line."""
+    if not 8 <= resolution <= MAX_RESOLUTION:
+        raise UsageError(f"--resolution {resolution}: expected 8 to {MAX_RESOLUTION} px")
+    batch_bytes = batch_size * 3 * resolution * resolution * 4
+    if batch_bytes > MAX_BATCH_BYTES:
+        raise UsageError(f"--resolution {resolution} with --batch-size {batch_size}: one fp32 batch is "
+                         f"{batch_bytes / 2**30:.1f} GiB, more than the {MAX_BATCH_BYTES / 2**30:.0f} GiB "
+                         f"a bench allows; lower either")
+
+
 def clock_name(device: torch.device) -> str:
     return "CUDA events" if device.type == "cuda" else "time.perf_counter (CPU ops are synchronous)"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .protocol import PeakMemory, clock_name, first_call, make_record, make_sync, measure, pick_device, rates, spread
+from .protocol import PeakMemory, check_batch, clock_name, first_call, make_record, make_sync, measure, pick_device, rates, spread
 
 
 def flops_bound(*, student: str, refinery: str, num_classes: int, resolution: int) -> dict:
@@ -95,6 +95,7 @@ def run_step(*, model: str, refineries: list[str], num_classes: int, resolution:
              repeats: int) -> dict:
     from ..precision import resolve_precision
     from ..models import create_model
+    check_batch(resolution=resolution, batch_size=batch_size)
     create_model(model, num_classes=num_classes)  # an unknown name fails here, before any timing
     names = _refinery_names(refineries, student=model)
     for n in names[1:]:
