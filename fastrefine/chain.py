@@ -106,8 +106,18 @@ def _selected(recipe: Recipe, only: str | None) -> list[int]:
 def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path) -> None:
     """Everything the selected rounds need, checked before any of them trains: refinery checkpoints exist
     and are not the round's own, torchvision refineries name a real model, a refinery round runs first."""
+    from .models import create_model
     for i in selected:
         rd = recipe.rounds[i]
+        name, opts = recipe.round_model(rd)
+        try:  # every round's student is built here, on the meta device (no memory, no weights)
+            with torch.device("meta"):
+                create_model(name, num_classes=recipe.data.num_classes or 10, **opts)
+        except UsageError as e:
+            raise UsageError(f"rounds[{i}] ({rd.name}): {e}") from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UsageError(f"rounds[{i}] ({rd.name}): model {name!r} cannot be built with options {opts} "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         src = refinery_source(recipe, i, run_dir=run_dir)
         where = f"rounds[{i}].refinery"
         if src.kind == "checkpoint":
@@ -116,16 +126,22 @@ def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path) -> None:
                                  + (f" and beside {recipe.source}" if recipe.source else "") + ")")
             if src.path.resolve().parent == (run_dir / rd.name).resolve():
                 raise UsageError(f"{where}: {src.path} is this round's own checkpoint; a round cannot refine itself")
+            ckpt.check_header(src.path, what=f"{where}: checkpoint")
         elif src.kind == "torchvision":
             import torchvision
             name = src.spec.split(":", 1)[1]
             if name not in torchvision.models.list_models():
                 raise UsageError(f"{where}: torchvision has no model {name!r}")
+            from .pretrained import refinery_weights_file
+            weights = refinery_weights_file(name, recipe.refinery.weights)
+            ckpt.check_header(weights, what=f"refinery.weights = {recipe.refinery.weights!r}:")
         elif src.kind == "round":
             j = round_index(recipe, src.spec)
             if j not in selected and not src.path.is_file():
                 raise UsageError(f"{where}: round {src.spec!r} is not run here and has no {src.path.name} yet "
                                  f"({src.path}); run it first or drop --round")
+            if src.path.is_file():
+                ckpt.check_header(src.path, what=f"{where}: round {src.spec!r}'s")
 
 
 def describe_plan(recipe: Recipe, *, restart: bool = False, only: str | None = None, world_size: int = 1) -> str:
@@ -217,6 +233,27 @@ def check_resume_changes(recipe: Recipe, *, selected: list[int], run_dir: Path, 
     return found
 
 
+def open_splits(env: RoundEnv) -> None:
+    """Open the train and val splits as the rounds will (same backend, this rank's share) and close them:
+    a missing or damaged split (a truncated val.beton, a shard that fails its recorded checksum) stops
+    the run before the first round trains, not after its first epoch. Every rank learns of any rank's
+    problem (runfolder.agree), so none waits at a barrier."""
+    from .errors import FastRefineError
+    from .round import make_loader, train_resolution, val_resolution
+    from .runfolder import agree
+    r, problem = env.recipe, None
+    try:
+        for split, res in (("train", train_resolution(r, 0)), ("val", val_resolution(r))):
+            loader = make_loader(r, split=split, device=env.device, dtype=env.precision.input_dtype, seed=r.run.seed,
+                                 resolution=res, workers=env.threads.workers, rank=env.dist.rank,
+                                 world_size=env.dist.world_size, backend=env.backend)
+            if hasattr(loader, "close"):
+                loader.close()
+    except FastRefineError as e:
+        problem = e
+    agree(env.dist, problem)
+
+
 def _archive(run_dir: Path) -> Path:
     """--restart keeps what was there: the old folder is renamed, never deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -278,6 +315,7 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
 
         from .runfolder import claim
         folder.enter_context(claim(run_dir, dist=dist_info, out=recipe.run.out, restart=restart, prepare=prepare))
+        open_splits(env)
         rows = []
         with env.stop.installed():  # SIGTERM/SIGUSR1: the step finishes, last.pt is written, exit 143
             for i in selected:

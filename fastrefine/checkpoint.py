@@ -171,6 +171,30 @@ def load(path: Path, map_location: "str | torch.device" = "cpu") -> dict:
     return state
 
 
+def check_header(path: Path, *, what: str) -> None:
+    """A torch file's container, read without loading it: a zip-format file (torch >= 1.6) must end with an
+    intact zip directory holding a data.pkl, so a truncated or overwritten file is found at start, not when
+    a later round loads it. Files of the older pickle format are only checked for being non-empty."""
+    import zipfile
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    if not head:
+        raise UsageError(f"{what} {path}: empty file")
+    if head != b"PK\x03\x04":
+        return  # the legacy pickle format: torch.load checks it when it is used
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UsageError(f"{what} {path}: damaged (truncated or overwritten: {e})") from None
+    if not any(n.endswith("data.pkl") for n in names):
+        raise UsageError(f"{what} {path}: a zip file but not a torch checkpoint (no data.pkl)")
+
+
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 

@@ -90,6 +90,26 @@ def hub_cache_path(name: str, weights: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(w.url).path)
 
 
+def refinery_weights_file(name: str, weights: str) -> Path:
+    """The file torchvision:`name`'s refinery.weights will be read from: a state dict file, or the weights
+    in the torch hub cache. UsageError naming refinery.weights when it is not there (checked at start)."""
+    if not weights:
+        raise UsageError('refinery.weights: empty; expected a torchvision weights name such as "DEFAULT" '
+                         'or a .pth state dict file')
+    if _is_file_spec(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UsageError(f"refinery.weights = {weights!r}: file not found")
+        return path
+    path = hub_cache_path(name, weights)
+    if not path.is_file():
+        w = _weights_enum(name, weights)
+        raise UsageError(f"refinery.weights = {weights!r}: torchvision:{name} weights {w.name} are not in the torch "
+                         f"hub cache ({path}); fastrefine never downloads: copy {w.url} to that path (or set "
+                         f"TORCH_HOME), or set refinery.weights to a local .pth state dict")
+    return path
+
+
 def _load_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

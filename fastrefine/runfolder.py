@@ -41,7 +41,7 @@ def lock_path(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.fastrefine-run.lock"
 
 
-def _agree(dist: Dist, problem: FastRefineError | None) -> None:
+def agree(dist: Dist, problem: FastRefineError | None) -> None:
     """Raise on every rank the first problem any rank found (rank order)."""
     mine = None if problem is None else (type(problem).__name__, str(problem))
     if dist.enabled:
@@ -81,7 +81,7 @@ def claim(run_dir: Path, *, dist: Dist, out: str, restart: bool, prepare):
             except OSError as e:  # an unwritable or full run.out: one line naming it
                 problem = UsageError(f"run.out = {out!r}: cannot write the run folder {run_dir} "
                                      f"({e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''})")
-        _agree(dist, problem)
+        agree(dist, problem)
         if dist.enabled:
             from .round import gather_per_rank
             token = gather_per_rank(dist, token)[0]
@@ -97,5 +97,5 @@ def claim(run_dir: Path, *, dist: Dist, out: str, restart: bool, prepare):
                     f"run.out = {out!r}: rank {dist.rank} on {socket.gethostname()} does not see the run folder "
                     f"rank 0 writes ({run_dir / TOKEN_NAME} {what} there); every node needs the same run.out on "
                     f"a shared filesystem (README, multi-node)")
-            _agree(dist, problem)
+            agree(dist, problem)
         yield

@@ -280,6 +280,9 @@ def sample_table(data: Path, split: str) -> SampleTable:
         if read_manifest(data).split(split).get("dali"):
             return table_from_shards(data, split)
         return table_from_source(data, split)
+    if not (data / split).is_dir() and any((data / s).is_dir() for s in ("train", "val") if s != split):
+        raise UsageError(f"{data}: no {split}/ folder beside {', '.join(s + '/' for s in ('train', 'val') if s != split)}"
+                         f" (an ImageFolder root needs train/<class>/ and val/<class>/)")
     root = data / split if (data / split).is_dir() else data
     return table_from_folder(root)
 

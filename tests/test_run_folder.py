@@ -170,3 +170,68 @@ def test_a_recipe_with_a_utf8_bom_is_read(tmp_path, demo_tree):
     p = write_recipe(tmp_path, demo_tree, name="bom", rounds=ONE)
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())   # what Notepad writes at the start
     assert load_recipe(p).run.name == "bom"
+
+
+TWO = ONE + '\n[[rounds]]\nname = "r1"\nepochs = 1\n'
+
+
+def _nothing_trained(tmp_path, name):
+    return not list((tmp_path / "runs" / name).glob("*/last.pt"))
+
+
+def test_a_later_rounds_bad_model_options_are_refused_before_anything_trains(tmp_path, demo_tree):
+    from typer.testing import CliRunner
+    from fastrefine.cli import app
+    p = write_recipe(tmp_path, demo_tree, name="opts", rounds=TWO)
+    bad = ["rounds[1].model_options={nope=1}"]
+    with pytest.raises(UsageError, match=r"rounds\[1\] \(r1\): model 'tiny_cnn' has no option 'nope'"):
+        run_recipe(load_recipe(p, bad))
+    assert _nothing_trained(tmp_path, "opts")
+    res = CliRunner().invoke(app, ["run", str(p), "--dry-run", "--set", bad[0]])
+    assert res.exit_code == 2 and "has no option 'nope'" in res.output
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "empty"])
+def test_a_later_rounds_torchvision_refinery_weights_are_checked_at_start(tmp_path, demo_tree, damage):
+    import torch
+    import torchvision
+    from typer.testing import CliRunner
+    from fastrefine.cli import app
+    weights = tmp_path / "resnet18.pth"
+    if damage != "missing":
+        torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    rounds = TWO + 'refinery = "torchvision:resnet18"\n'
+    p = write_recipe(tmp_path, demo_tree, name="tv", rounds=rounds, tables=f'[refinery]\nweights = "{weights}"\n')
+    why = {"missing": "file not found", "truncated": "damaged", "empty": "empty file"}[damage]
+    with pytest.raises(UsageError, match=rf"refinery.weights = .*{why}"):
+        run_recipe(load_recipe(p))
+    assert _nothing_trained(tmp_path, "tv")
+    res = CliRunner().invoke(app, ["run", str(p), "--dry-run"])
+    assert res.exit_code == 2 and why in res.output
+
+
+def test_a_missing_val_split_is_found_before_the_first_epoch(tmp_path, demo_tree):
+    data = tmp_path / "trainonly"
+    data.mkdir()
+    (data / "train").symlink_to(demo_tree / "train")
+    p = write_recipe(tmp_path, data, name="noval", rounds=ONE)
+    with pytest.raises(UsageError, match=r"val"):
+        run_recipe(load_recipe(p))
+    assert _nothing_trained(tmp_path, "noval")
+
+
+@pytest.mark.slow
+def test_a_truncated_val_beton_is_found_before_the_first_epoch(tmp_path, demo_tree):
+    pytest.importorskip("ffcv")
+    from helpers import convert_in_child
+    data = tmp_path / "fast"
+    convert_in_child(demo_tree, data, formats=("ffcv",), max_side=32, workers=1, progress=False)
+    beton = data / "val.beton"
+    with open(beton, "r+b") as f:
+        f.truncate(beton.stat().st_size // 2)
+    p = write_recipe(tmp_path, data, name="beton", rounds=ONE)
+    with pytest.raises(UsageError, match=r"val.beton: \d+ bytes, but the conversion wrote \d+"):
+        run_recipe(load_recipe(p, ["loader.backend='ffcv'"]))
+    assert _nothing_trained(tmp_path, "beton")
