@@ -73,7 +73,7 @@ def beton(tmp_path_factory) -> Path:
 def make(beton: Path, **kw):
     from fastrefine.loaders.base import LoaderOptions
     from fastrefine.loaders.ffcv import FfcvLoader
-    ffcv_kw = {k: kw.pop(k) for k in ("decoder", "normalize_in", "copy") if k in kw}
+    ffcv_kw = {k: kw.pop(k) for k in ("decoder", "normalizer", "copy") if k in kw}
     opts = dict(split="train", batch_size=BATCH, resolution=RES, device=CPU, workers=2, seed=3, shuffle=False)
     return FfcvLoader(beton, LoaderOptions(**{**opts, **kw}), **ffcv_kw)
 
@@ -297,10 +297,10 @@ def test_normalize_cast_kernel_normalises_casts_and_flips(dtype, flip_prob):
 
 
 def test_normalising_in_torch_is_one_fp32_multiply_add_and_one_rounding(plain):
-    """The CUDA default (normalize_in="torch"), run on CPU tensors: bf16 output equals the fp32 result
+    """The CUDA default (normalizer="torch"), run on CPU tensors: bf16 output equals the fp32 result
     rounded once (three bf16 passes with bf16 mean/std were up to 0.020 off; one rounding <= 0.008)."""
     ld = copy.copy(plain)
-    ld.normalize_in, ld.opts = "torch", dataclasses.replace(plain.opts, dtype=torch.bfloat16)
+    ld.normalizer, ld.opts = "torch", dataclasses.replace(plain.opts, dtype=torch.bfloat16)
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     out = ld._finish(x)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
@@ -374,13 +374,13 @@ def test_a_truncated_beton_fails_at_once_naming_the_file(beton, tmp_path, cut):
 def test_a_dying_loader_thread_fails_the_iteration(beton, monkeypatch):
     """An exception in FFCV's epoch thread (here injected into its pipeline step) must reach the
     consumer as a RunError naming the file within seconds; FFCV's own __next__ would wait for ever."""
-    from fastrefine.loaders.ffcv import _epoch_class
+    from fastrefine.loaders.ffcv_runtime import epoch_class
     ld = make(beton, flip=False, seed=9)
 
     def broken(self, *args, **kw):
         raise OSError("simulated read error")
 
-    monkeypatch.setattr(_epoch_class(), "run_pipeline", broken)
+    monkeypatch.setattr(epoch_class(), "run_pipeline", broken)
     outcome: list = []
 
     def consume():

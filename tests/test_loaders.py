@@ -82,7 +82,7 @@ def _ffcv_torch(data: Path):
     from fastrefine.loaders.base import LoaderOptions
     from fastrefine.loaders.ffcv import FfcvLoader
     opts = LoaderOptions(split="val", batch_size=8, resolution=RES, device=CPU, workers=2)
-    return FfcvLoader(data, opts, normalize_in="torch")
+    return FfcvLoader(data, opts, normalizer="torch")
 
 
 # -- the contract every backend keeps --------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_ffcv_refuses_host_normalisation_on_cuda(data):
     from fastrefine.loaders.ffcv import FfcvLoader
     opts = LoaderOptions(split="val", batch_size=8, resolution=RES, device=torch.device("cuda"))
     with pytest.raises(UsageError, match="cupy"):
-        FfcvLoader(data, opts, normalize_in="ffcv")
+        FfcvLoader(data, opts, normalizer="ffcv")
 
 
 def test_ffcv_writes_each_dtype_as_fp32_rounded(data):
@@ -315,7 +315,7 @@ def test_ffcv_writes_each_dtype_as_fp32_rounded(data):
     out = {}
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         opts = LoaderOptions(split="val", batch_size=8, resolution=RES, device=CPU, dtype=dt, workers=2)
-        ld = FfcvLoader(data, opts, normalize_in="ffcv")
+        ld = FfcvLoader(data, opts, normalizer="ffcv")
         batches = [x.clone() for x, _ in ld]
         assert all(x.dtype == dt and x.is_contiguous(memory_format=torch.channels_last) for x in batches)
         out[dt] = torch.cat(batches)
@@ -329,13 +329,13 @@ def test_ffcv_batch_is_valid_until_the_next_one_and_copy_keeps_them_all(data):
     from fastrefine.loaders.base import LoaderOptions
     from fastrefine.loaders.ffcv import FfcvLoader
     opts = LoaderOptions(split="train", batch_size=8, resolution=RES, device=CPU, seed=5, workers=2)
-    it = iter(FfcvLoader(data, opts, normalize_in="ffcv"))
+    it = iter(FfcvLoader(data, opts, normalizer="ffcv"))
     held = next(it)[0]
     snap = held.clone()
     for x, _ in it:  # FFCV refills its buffers while we hold a batch: the held one must not change
         assert torch.equal(held, snap)
         held, snap = x, x.clone()
-    kept = [(x, x.clone()) for x, _ in FfcvLoader(data, opts, normalize_in="ffcv", copy=True)]
+    kept = [(x, x.clone()) for x, _ in FfcvLoader(data, opts, normalizer="ffcv", copy=True)]
     assert len(kept) == 14 and all(torch.equal(a, b) for a, b in kept)  # copies survive the epoch
 
 # -- GPU (tools/gpu_check.sh) ------------------------------------------------------------------
