@@ -273,9 +273,13 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
 
     model = student
     if r.run.compile:
-        model = torch.compile(student)
+        # static shapes: one graph per train resolution (progressive resizing recompiles once per size,
+        # never falls back to a dynamic-shape graph); training batches are whole (drop_last), and every
+        # evaluation runs the eager modules (engine.evaluate on parts.student, uncompiled(refinery.model)),
+        # so the val resolution and the short last val batch compile nothing
+        model = torch.compile(student, dynamic=False)
         if refined:
-            refinery.model = torch.compile(refinery.model)  # compiled on its own, outside DDP
+            refinery.model = torch.compile(refinery.model, dynamic=False)  # on its own, outside DDP
     if env.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -295,6 +299,36 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
                       student=student, model=model, refinery=refinery, refinery_desc=refinery_desc, refined=refined,
                       optimizer=optimizer, scaler=scaler, step=step, accumulate_step=accumulate_step, train_loader=train_loader,
                       make_val_loader=make_val_loader, backend=backend, backend_reason=reason, ema=ema)
+
+
+def uncompiled(module):
+    """The eager module behind a torch.compile wrapper (the module itself when it is not compiled)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def compile_counters() -> dict:
+    """torch.compile's process-wide counters so far: frames compiled (each compile or recompile of a
+    module's forward), graphs, and seconds in Dynamo's whole-frame compile (`_compile.compile_inner`) and
+    in Inductor's backward compile (`bw_compiler`, which may run lazily at the first backward). Read from
+    torch._dynamo.utils; {} where this torch does not have them."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics, counters
+    except ImportError:
+        return {}
+    times = {k: list(v) for k, v in compilation_time_metrics.items()}
+    backward = [t for k, v in times.items() if k.endswith("bw_compiler") for t in v]
+    return {"frames": len(times.get("_compile.compile_inner", [])), "graphs": int(counters["stats"]["unique_graphs"]),
+            "frame_compile_s": sum(times.get("_compile.compile_inner", [])), "backward_compile_s": sum(backward)}
+
+
+def compiles_since(before: dict) -> dict | None:
+    """What torch.compile did since `before` (compile_counters()), for the round's record."""
+    now = compile_counters()
+    if not now or not before:
+        return None
+    return {"frames": now["frames"] - before["frames"], "graphs": now["graphs"] - before["graphs"],
+            "frame_compile_s": round(now["frame_compile_s"] - before["frame_compile_s"], 3),
+            "backward_compile_s": round(now["backward_compile_s"] - before["backward_compile_s"], 3)}
 
 
 def _default_normalization(env: RoundEnv):
@@ -384,6 +418,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
         ckpt.clean_stale_temporaries(rdir)
     state = read_resume_state(rdir)
     start_epoch = state["epoch"] if state else 0
+    compiled_before = compile_counters() if r.run.compile else {}
     parts = build_round(env, index, start_epoch=start_epoch)
     best, global_step, start_step, carry = -1.0, 0, 0, None
     if state:
@@ -490,6 +525,11 @@ def run_round(env: RoundEnv, index: int) -> dict:
             last_ema = evaluate(parts.ema.module, parts.val_loader, autocast=ac, max_batches=max_val,
                                 all_reduce=reduce)
     summary = _summary(env, parts, rd, refinery_val, last_train, last_eval, best, started)
+    summary["compiles"] = compiles_since(compiled_before) if r.run.compile else None
+    if summary["compiles"]:
+        log.info("round %s: torch.compile compiled %d frames (%d graphs): %.1f s whole-frame, %.1f s backward",
+                 rd.name, summary["compiles"]["frames"], summary["compiles"]["graphs"],
+                 summary["compiles"]["frame_compile_s"], summary["compiles"]["backward_compile_s"])
     summary["ema_val_top1"] = last_ema["top1"] if last_ema is not None else None
     if main:
         _finish(env, parts, rdir, summary)
@@ -517,7 +557,7 @@ def _evaluate_refinery(env: RoundEnv, parts: RoundParts, metrics, reduce) -> dic
     batch_mode = env.recipe.refinery.bn == "batch"
     loader = parts.make_val_loader(shuffle=True) if batch_mode else parts.val_loader
     try:
-        res = evaluate(parts.refinery.model, loader, autocast=env.precision.autocast,
+        res = evaluate(uncompiled(parts.refinery.model), loader, autocast=env.precision.autocast,
                        max_batches=env.recipe.run.max_val_batches, all_reduce=reduce, set_eval=False)
     finally:
         if batch_mode and hasattr(loader, "close"):

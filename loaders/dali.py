@@ -40,6 +40,7 @@ from fastrefine.errors import RunError, UsageError
 
 from .base import LoaderBase, LoaderOptions
 from .crop_sampler import train_crops
+from .options import NVJPEG_DEVICE_PADDING, NVJPEG_HEIGHT_HINT, NVJPEG_HOST_PADDING, NVJPEG_WIDTH_HINT
 from .samples import SampleTable, ascii_labels, epoch_batches, sample_table, samples_per_rank
 
 __all__ = ["DaliLoader", "ascii_labels", "dali_error_line"]
@@ -180,8 +181,8 @@ class DaliLoader(LoaderBase):
     normalize_on = "device"  # crop_mirror_normalize, on the GPU with CUDA, in DALI's CPU ops without
 
     def __init__(self, data: Path, opts: LoaderOptions, *, prefetch: int = 2, hw_decoder_load: float = 0.65,
-                 preallocate_width_hint: int = 0, preallocate_height_hint: int = 0,
-                 device_memory_padding: int = 16 * 2**20, host_memory_padding: int = 8 * 2**20):
+                 preallocate_width_hint: int = NVJPEG_WIDTH_HINT, preallocate_height_hint: int = NVJPEG_HEIGHT_HINT,
+                 device_memory_padding: int = NVJPEG_DEVICE_PADDING, host_memory_padding: int = NVJPEG_HOST_PADDING):
         if opts.device.type not in ("cpu", "cuda"):
             raise UsageError(f"DALI loader: device {opts.device} is neither cpu nor cuda")
         if prefetch < 1:

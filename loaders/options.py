@@ -16,6 +16,11 @@ def _opt(default, *, lo: float | None = None, hi: float | None = None, doc: str 
     return field(default=default, metadata={"lo": lo, "hi": hi, "doc": doc, "lo_open": False})
 
 
+NVJPEG_DEVICE_PADDING = 211_025_920  # bytes (201 MiB): NVIDIA's ResNet-50 DALI example
+NVJPEG_HOST_PADDING = 140_544_512    # bytes (134 MiB)
+NVJPEG_WIDTH_HINT, NVJPEG_HEIGHT_HINT = 5980, 6430  # the largest ImageNet image, for the hardware decoder
+
+
 @dataclass(frozen=True)
 class FfcvOptions:
     decoder: Literal["fast", "stock"] = _opt(
@@ -33,14 +38,20 @@ class DaliOptions:
     hw_decoder_load: float = _opt(
         0.65, lo=0.0, hi=1.0,
         doc="GPU only: share of the JPEG data for the hardware decoder (A100/H100/H200; DALI's default 0.65)")
+    # nvJPEG sizes of NVIDIA's ResNet-50 DALI example (DALI's examples/use_cases/pytorch/resnet50): buffers
+    # and hardware-decoder preallocation for the largest ImageNet image, so no reallocation mid-run
     preallocate_width_hint: int = _opt(
-        0, lo=0, doc="GPU only: image width for which nvJPEG's hardware decoder preallocates (0: none)")
+        NVJPEG_WIDTH_HINT, lo=0, doc="GPU only: image width for which nvJPEG's hardware decoder preallocates "
+                                     "(0: none; default 5980, NVIDIA's ResNet-50 example)")
     preallocate_height_hint: int = _opt(
-        0, lo=0, doc="GPU only: image height for which nvJPEG's hardware decoder preallocates (0: none)")
+        NVJPEG_HEIGHT_HINT, lo=0, doc="GPU only: image height for which nvJPEG's hardware decoder preallocates "
+                                      "(0: none; default 6430, NVIDIA's ResNet-50 example)")
     device_memory_padding: int = _opt(
-        16 * 2**20, lo=0, doc="GPU only: bytes of nvJPEG device buffer preallocated per thread (DALI's default 16 MiB)")
+        NVJPEG_DEVICE_PADDING, lo=0, doc="GPU only: bytes of nvJPEG device buffer preallocated per thread "
+                                         "(default 211,025,920, NVIDIA's ResNet-50 example)")
     host_memory_padding: int = _opt(
-        8 * 2**20, lo=0, doc="GPU only: bytes of nvJPEG pinned host buffer preallocated per thread, twice (DALI's default 8 MiB)")
+        NVJPEG_HOST_PADDING, lo=0, doc="GPU only: bytes of nvJPEG pinned host buffer preallocated per thread, "
+                                       "twice (default 140,544,512, NVIDIA's ResNet-50 example)")
 
 
 @dataclass(frozen=True)

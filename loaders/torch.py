@@ -6,10 +6,17 @@ tars, labels from each `.cls` member: `samples.SampleTable`); the original sourc
 
 * `decode="host"`: DataLoader workers decode with PIL and crop/resize (`resized_crop`, antialiased
   bilinear), the uint8 batch goes to the device and is normalised there in fp32 and cast once.
-* `decode="device"`: workers only read bytes; the batch is decoded with `torchvision.io.decode_jpeg(
-  list, device=...)` (nvJPEG on CUDA) and cropped, resized, flipped and normalised for the whole batch
-  on the device (`batch_decode.py`). The same code runs on the CPU, where CI tests it against the host
-  path. `decode="auto"`: device on CUDA, host otherwise.
+* `decode="device"`: workers only read bytes and hand over one packed uint8 tensor per batch plus
+  offsets; the batch is decoded with `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA) and
+  cropped, resized, flipped and normalised for the whole batch on the device (`batch_decode.py`). The
+  same code runs on the CPU, where CI tests it against the host path. `decode="auto"`: device on CUDA,
+  host otherwise.
+
+Both modes finish each batch (copy to the device, decode, normalise) on a background thread, on a CUDA
+stream of its own, two batches ahead of the loop (`prefetch.py`: event wait + record_stream hand-over).
+On CUDA the workers' tensors are pinned (DataLoader pin_memory), so the copies do not block. The workers
+persist across epochs (one DataLoader per loader); the epoch and resolution reach them through a small
+shared-memory tensor, the batches through a sampler that reads the loader's epoch.
 
 Crop boxes and flips come from the shared sampler (`crop_sampler.train_crops`, keyed by (seed, epoch,
 index), the same draw as the DALI and FFCV backends) in both modes, so an epoch is the same whatever the
@@ -19,6 +26,7 @@ permutation of all images per (seed, epoch), rank r taking r, r+W, ... (`samples
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -34,6 +42,7 @@ from fastrefine.preempt import ignore_stop_signals
 from . import batch_decode
 from .base import LoaderBase, LoaderOptions, Views
 from .crop_sampler import train_crops
+from .prefetch import prefetch
 from .samples import SampleTable, epoch_batches, sample_table, samples_per_rank
 
 __all__ = ["TorchLoader", "DECODE_MODES"]
@@ -44,11 +53,28 @@ DECODE_MODES = ("auto", "host", "device")
 class _Samples(Dataset):
     """A batch of indices -> [(uint8 CHW image, label)] decoded on the host, or [(encoded bytes, label,
     index)]. Batched (`__getitems__`, which the DataLoader calls with each batch of its batch sampler) so
-    the batch's crops are drawn in one vectorised call."""
+    the batch's crops are drawn in one vectorised call.
+
+    The epoch and the resolution live in a shared-memory tensor (`set_epoch`), so that persistent
+    workers (copies of this object made when they started) see what the loader sets before each epoch."""
 
     def __init__(self, table: SampleTable, opts: LoaderOptions, *, decode_here: bool):
         self.table, self.opts, self.decode_here = table, opts, decode_here
-        self.epoch = 0
+        self._state = torch.tensor([0, opts.resolution], dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int, resolution: int) -> None:
+        self._state[0], self._state[1] = int(epoch), int(resolution)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    def _current_opts(self) -> LoaderOptions:
+        """The options at the resolution set for this epoch (this process's copy follows the shared one)."""
+        r = int(self._state[1])
+        if self.opts.resolution != r:
+            self.opts = self.opts.with_resolution(r)
+        return self.opts
 
     def __len__(self) -> int:
         return len(self.table)
@@ -66,7 +92,8 @@ class _Samples(Dataset):
                 images.append(Image.open(io.BytesIO(t.read(i).tobytes())))  # lazy: the header only
             except (UnidentifiedImageError, OSError) as e:
                 raise RunError(f"{t.where(i)}: cannot decode the image ({e})") from None
-        o, r = self.opts, self.opts.resolution
+        o = self._current_opts()
+        r = o.resolution
         if o.train:
             boxes, flips = train_crops(o, epoch=self.epoch, indices=indices,
                                        heights=[im.height for im in images], widths=[im.width for im in images])
@@ -94,9 +121,35 @@ class _Samples(Dataset):
         return out
 
 
-def _collate_bytes(items):
+def _collate_packed(items):
+    """A batch of (bytes, label, index) -> (packed uint8 tensor, offsets, labels, indices): four tensors
+    that cross from a worker in shared memory (and are pinned on CUDA), instead of a pickled list."""
     blobs, labels, index = zip(*items)
-    return list(blobs), torch.tensor(labels, dtype=torch.int64), list(index)
+    offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([len(b) for b in blobs], dtype=torch.int64).cumsum(0)
+    packed = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] else torch.empty(0, dtype=torch.uint8)
+    return packed, offsets, torch.tensor(labels, dtype=torch.int64), torch.tensor(index, dtype=torch.int64)
+
+
+def unpack(packed: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """The encoded images of a packed batch, as views (1-D uint8 tensors)."""
+    o = offsets.tolist()
+    return [packed[o[i]:o[i + 1]] for i in range(len(o) - 1)]
+
+
+class _EpochBatches:
+    """The DataLoader's batch sampler: the batches of the loader's current epoch (from its `start_at`
+    batch), read at each iter(), so one DataLoader (and its persistent workers) serves every epoch."""
+
+    def __init__(self, loader: "TorchLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        ld = self.loader
+        return iter([b.tolist() for b in epoch_batches(len(ld.table), ld.opts, ld.epoch)][ld._skip:])
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class TorchLoader(LoaderBase):
@@ -116,8 +169,9 @@ class TorchLoader(LoaderBase):
                              f"world_size {opts.world_size}")
         self.dataset = _Samples(self.table, opts, decode_here=self.decode == "host")
         self.epoch = 0
-        self._start = 0
+        self._start = self._skip = 0
         self._scale, self._shift = opts.normalization.scale_shift_tensors(opts.device)
+        self._dl: DataLoader | None = None
 
     @property
     def num_samples(self) -> int:
@@ -132,40 +186,52 @@ class TorchLoader(LoaderBase):
         self._start = batch
 
     def close(self) -> None:
+        dl, self._dl = self._dl, None
+        it = getattr(dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()       # the persistent workers end here, not at garbage collection
         self.table.close()
 
-    def __iter__(self):
-        self.dataset.epoch, self.dataset.opts = self.epoch, self.opts
-        o = self.opts
-        batches = [b.tolist() for b in epoch_batches(len(self.table), o, self.epoch)][self._start:]
-        self._start = 0
-        host = self.decode == "host"
-        dl = DataLoader(self.dataset, batch_sampler=batches, num_workers=o.workers,
-                        pin_memory=o.device.type == "cuda" and host,
-                        collate_fn=None if host else _collate_bytes, persistent_workers=False,
-                        worker_init_fn=ignore_stop_signals if o.workers > 0 else None,
-                        prefetch_factor=4 if o.workers > 0 else None)
-        for batch in dl:
-            if host:
-                images, labels = batch
-                images = images.to(o.device, non_blocking=True)
-                if o.whole_image:  # (B, 2, C, H, W): crop and whole image of each sample
-                    x = Views(*(batch_decode.normalize_cast(images[:, k], self._scale, self._shift, dtype=o.dtype,
-                                                            channels_last=o.channels_last) for k in (0, 1)))
-                else:
-                    x = batch_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
-                                                    channels_last=o.channels_last)
-            else:
-                x, labels = self._device_batch(*batch)
-            yield x, labels.to(o.device, non_blocking=True)
+    def _loader(self) -> DataLoader:
+        """The one DataLoader of this loader, made at the first epoch; its workers persist."""
+        if self._dl is None:
+            o = self.opts
+            host = self.decode == "host"
+            self._dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), num_workers=o.workers,
+                                  pin_memory=o.device.type == "cuda", collate_fn=None if host else _collate_packed,
+                                  persistent_workers=o.workers > 0, prefetch_factor=4 if o.workers > 0 else None,
+                                  worker_init_fn=ignore_stop_signals if o.workers > 0 else None)
+        return self._dl
 
-    def _device_batch(self, blobs: list[bytes], labels: torch.Tensor, index: list[int]):
-        o = self.opts
-        blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        images = batch_decode.decode_batch(blobs, o.device, where=lambda i: self.table.where(index[i]))
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch, self.opts.resolution)
+        self._skip, self._start = self._start, 0   # start_at: the sampler leaves out the batches done
+        # the decode thread reads this epoch's settings, not the loader's (set_epoch may come before it ends)
+        make = functools.partial(self._host_batch if self.decode == "host" else self._device_batch,
+                                 epoch=self.epoch, opts=self.opts)
+        return prefetch(self._loader(), make, device=self.opts.device, depth=2)
+
+    def _host_batch(self, batch, *, epoch: int, opts: LoaderOptions):
+        o = opts
+        images, labels = batch
+        images = images.to(o.device, non_blocking=True)      # pinned by the DataLoader on CUDA
+        if o.whole_image:  # (B, 2, C, H, W): crop and whole image of each sample
+            x = Views(*(batch_decode.normalize_cast(images[:, k], self._scale, self._shift, dtype=o.dtype,
+                                                    channels_last=o.channels_last) for k in (0, 1)))
+        else:
+            x = batch_decode.normalize_cast(images, self._scale, self._shift, dtype=o.dtype,
+                                            channels_last=o.channels_last)
+        return x, labels.to(o.device, non_blocking=True)
+
+    def _device_batch(self, batch, *, epoch: int, opts: LoaderOptions):
+        o = opts
+        packed, offsets, labels, index = batch
+        index = index.tolist()
+        images = batch_decode.decode_batch(unpack(packed, offsets), o.device,
+                                           where=lambda i: self.table.where(index[i]))
         heights, widths = [int(img.shape[-2]) for img in images], [int(img.shape[-1]) for img in images]
         if o.train:
-            boxes, flips = train_crops(o, epoch=self.epoch, indices=index, heights=heights, widths=widths)
+            boxes, flips = train_crops(o, epoch=epoch, indices=index, heights=heights, widths=widths)
             boxes, flips = boxes.tolist(), flips.tolist()
         else:
             boxes = [batch_decode.center_box(w, h, o.resolution, o.val_crop_ratio) for h, w in zip(heights, widths)]
@@ -176,4 +242,4 @@ class TorchLoader(LoaderBase):
         if o.whole_image:  # the refinery's view: each whole image, same flip
             whole = [(0, 0, img.shape[-2], img.shape[-1]) for img in images]
             x = Views(x, batch_decode.device_batch(images, boxes=whole, **kw))
-        return x, labels
+        return x, labels.to(o.device, non_blocking=True)

@@ -145,3 +145,40 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
     assert [next(gen) for _ in range(5)] == [0, 1, 2, 3, 4]
     gen.close()
     assert {t for t in threading.enumerate() if t.name == "fastrefine-decode"} == before
+
+
+# -- CUDA (tools/gpu_check.sh) --------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_batch_with_a_cmyk_jpeg_goes_on():
+    """nvJPEG never decodes CMYK: that image alone is decoded on the CPU, the rest on the GPU."""
+    cuda = torch.device("cuda")
+    photos = [_photo(24 + i, 32, i) for i in range(4)]
+    blobs = [_jpeg(p) for p in photos] + [_jpeg(_photo(20, 30, 9), "CMYK")]
+    out = batch_decode.decode_batch(blobs, cuda)
+    assert all(img.is_cuda and img.shape[0] == 3 for img in out)
+    assert torch.equal(out[-1].cpu(), batch_decode.host_decode(blobs[-1]))
+    for img, blob in zip(out[:-1], blobs[:-1]):   # nvJPEG vs libjpeg-turbo: rounding only
+        assert float((img.cpu().float() - batch_decode.host_decode(blob).float()).abs().mean()) < 2
+
+
+@pytest.mark.gpu
+def test_cuda_prefetch_hands_over_intact_batches_while_training_frees_memory():
+    """The decode thread's batches, read after the training stream has queued work that allocates and
+    frees large blocks: every batch equals what the same code gives on the CPU."""
+    cuda = torch.device("cuda")
+    photos = [[_photo(40 + 3 * i + k, 56, 10 * i + k) for k in range(8)] for i in range(12)]
+    blobs = [[_jpeg(p) for p in batch] for batch in photos]
+    boxes = [(2.0, 3.0, 30.0, 40.0)] * 8
+
+    def make(batch, device):
+        images = batch_decode.decode_batch(batch, device)
+        return batch_decode.crop_resize(images, boxes, 24)
+
+    expected = [make(b, CPU) for b in blobs]
+    for x, ref in zip(prefetch(blobs, lambda b: make(b, cuda), device=cuda, depth=2), expected):
+        for _ in range(4):                     # busy training stream: allocate, compute, free
+            a = torch.randn(2048, 2048, device=cuda)
+            (a @ a).sum()
+            del a
+        assert float((x.cpu() - ref).abs().mean()) < 2

@@ -70,3 +70,27 @@ def test_resume_on_cuda_after_a_kill(tmp_path, synthetic_tree, monkeypatch):
     assert ckpt.load(tmp_path / "runs/resume/r0/last.pt")["epoch"] == 1
     rows = run_recipe(load_recipe(p))  # RNG states restored from CPU tensors although the run is on CUDA
     assert [r["round"] for r in rows] == ["r0", "r1"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason=f"DDP over NCCL needs 2 CUDA GPUs; {torch.cuda.device_count()} here")
+def test_ddp_over_nccl_on_two_gpus(tmp_path, synthetic_tree):
+    """Two processes under torchrun, one GPU each, NCCL (fastrefine.distributed picks it on CUDA)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    rounds = '\n[[rounds]]\nname = "r0"\nepochs = 1\n[[rounds]]\nname = "r1"\nepochs = 1\n'
+    p = write_recipe(tmp_path, synthetic_tree, name="nccl", rounds=rounds, device="cuda", seed=2, workers=1)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fastrefine", "--quiet", "run", str(p)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs/nccl/r1"
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 2 and info["device"].startswith("cuda")
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if json.loads(x)["kind"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["val_images"] == 100          # every val image once across the ranks
+    assert epochs[0]["train_images"] == 2 * (400 // 2 // 32 * 32)
+    rng = ckpt.load(run / "last.pt")["rng"]
+    assert len(rng) == 2                                                  # each rank's RNG state saved

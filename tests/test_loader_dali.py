@@ -226,6 +226,9 @@ def test_dali_options_are_the_constructor_options(conv):
         assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY and params[f.name].default == f.default
     hints = dict(hw_decoder_load=0.9, preallocate_width_hint=256, preallocate_height_hint=256,
                  device_memory_padding=1 << 20, host_memory_padding=1 << 20)
+    # the defaults are NVIDIA's ResNet-50 example's: buffers for the largest ImageNet image
+    assert (DaliOptions().device_memory_padding, DaliOptions().host_memory_padding) == (211025920, 140544512)
+    assert (DaliOptions().preallocate_width_hint, DaliOptions().preallocate_height_hint) == (5980, 6430)
     assert decoder_options(device_id=None, **hints) == {}          # nvJPEG hints apply to "mixed" only
     assert decoder_options(device_id=0, **hints) == hints
     ld = build(data=conv, backend="dali", split="val", batch_size=8, resolution=24, device=CPU,

@@ -241,3 +241,48 @@ def test_gpu_decode_on_cuda_matches_the_cpu_device_path(synthetic_dataset, split
     ref, ref_labels = epoch(loader(conv, split=split, decode="device", seed=5))
     assert torch.equal(torch.cat(ys), ref_labels)
     assert float((torch.cat(xs) - ref).abs().mean()) < 0.03
+
+
+@pytest.mark.parametrize("decode", ["host", "device"])
+def test_workers_persist_across_epochs_and_see_each_epoch_and_resolution(dataset, decode):
+    """One DataLoader per loader: the same worker processes serve every epoch; the epoch and resolution
+    set between epochs reach them (shared memory), so epoch 1 equals a fresh loader's epoch 1."""
+    conv, _ = dataset
+    ld = loader(conv, split="train", batch_size=8, workers=2, decode=decode, seed=4)
+    first = [x.clone() for x, _ in ld]
+    pids = sorted(w.pid for w in ld._dl._iterator._workers)
+    ld.set_epoch(1)
+    ld.set_resolution(16)
+    second = [x.clone() for x, _ in ld]
+    assert sorted(w.pid for w in ld._dl._iterator._workers) == pids and all(w.is_alive() for w in ld._dl._iterator._workers)
+    assert second[0].shape[-1] == 16 and len(second) == len(first)
+    fresh = loader(conv, split="train", batch_size=8, workers=0, decode=decode, seed=4)
+    fresh.set_epoch(1)
+    fresh.set_resolution(16)
+    assert all(torch.equal(a, b) for a, b in zip(second, (x for x, _ in fresh)))
+    workers = list(ld._dl._iterator._workers)
+    ld.close()
+    assert not any(w.is_alive() for w in workers)            # close ends the persistent workers
+
+
+def test_an_abandoned_epoch_does_not_leak_into_the_next(dataset):
+    conv, _ = dataset
+    ld = loader(conv, split="train", batch_size=8, workers=2, decode="device", seed=4)
+    it = iter(ld)
+    next(it)
+    it.close()                                              # the loop broke out of epoch 0
+    ld.set_epoch(1)
+    again = [x for x, _ in ld]
+    fresh = loader(conv, split="train", batch_size=8, decode="device", seed=4)
+    fresh.set_epoch(1)
+    assert len(again) == len(fresh) and all(torch.equal(a, b) for a, b in zip(again, (x for x, _ in fresh)))
+    ld.close()
+
+
+def test_workers_hand_over_one_packed_tensor_per_batch():
+    from fastrefine.loaders.torch import _collate_packed, unpack
+    items = [(b"\xff\xd8abc", 3, 10), (b"\xff\xd8de", 1, 11), (b"\xff\xd8f", 2, 12)]
+    packed, offsets, labels, index = _collate_packed(items)
+    assert packed.dtype == torch.uint8 and packed.numel() == 5 + 4 + 3
+    assert offsets.tolist() == [0, 5, 9, 12] and labels.tolist() == [3, 1, 2] and index.tolist() == [10, 11, 12]
+    assert [bytes(b.numpy()) for b in unpack(packed, offsets)] == [it[0] for it in items]

@@ -166,7 +166,7 @@ read = lambda p: json.loads(p.read_text()) if p.is_file() else None
 rounds = [r for r in (read(run / n / "done.json") for n in ("labels", "refined")) if r]
 records = {n: read(run / n / "run.json") for n in ("labels", "refined")}
 print(json.dumps({"rounds": rounds, "run": records,
-                  "compiles": [(r or {}).get("compiles") for r in records.values()]}, indent=1))
+                  "compiles": [r.get("compiles") for r in rounds]}, indent=1))
 PY
 
 # (c) kill -9 in the middle of a round (right after its first per-epoch checkpoint), then the resume

@@ -50,7 +50,9 @@ def _step(rec: dict) -> list[str]:
         if r.get("refinery") and rec.get("settings", {}).get("resolution") == 160 and r.get("student") == "resnet50":
             mark = f"  target >= {STEP_TARGET:,}: {'met' if rate >= STEP_TARGET else 'MISSED'}"
         first = f", first call {r['first_call_s']:.1f} s" if r.get("first_call_s") is not None else ""
-        lines.append(f"{r['case']}: {rate:,.0f} img/s, peak {r.get('peak_memory_mib', 0):,.0f} MiB{first}{mark}")
+        c = r.get("compiles") or {}
+        comp = f", {c['frames']} compiles" if c else ""
+        lines.append(f"{r['case']}: {rate:,.0f} img/s, peak {r.get('peak_memory_mib', 0):,.0f} MiB{first}{comp}{mark}")
     return lines
 
 

@@ -66,6 +66,8 @@ def step_case(*, student: str, refinery: str | None, num_classes: int, resolutio
     before = memory.current_mib()
     recipe = bench_recipe(student=student, refinery=refinery, resolution=resolution, batch_size=batch_size,
                           precision=precision.name, device=device.type, channels_last=channels_last, compile=compile)
+    from ..round import compile_counters, compiles_since
+    compiled_before = compile_counters() if compile else {}
     parts, _ = make_bench_step(recipe, num_classes=num_classes, device=device)
     step = parts.step
     images, labels = synthetic_batch(batch_size=batch_size, resolution=resolution, num_classes=num_classes,
@@ -78,7 +80,8 @@ def step_case(*, student: str, refinery: str | None, num_classes: int, resolutio
     return {"case": f"{student} + {refinery}" if refinery else f"{student} alone", "student": student,
             "refinery": refinery, "first_call_s": first, "compile": compile,
             "images_per_s": rates(seconds, items=iters * batch_size), "step_s": per_step,
-            "peak_memory_mib": memory.peak_mib(), "memory_before_mib": before, "seconds": seconds}
+            "peak_memory_mib": memory.peak_mib(), "memory_before_mib": before, "seconds": seconds,
+            "compiles": compiles_since(compiled_before) if compile else None}
 
 
 def _refinery_names(spec: list[str], *, student: str) -> list[str | None]:
