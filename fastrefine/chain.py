@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from . import atomic
 from . import checkpoint as ckpt
 from .distributed import Dist, init_distributed, shutdown
 from .environment import usable_cores
 from .errors import UsageError
 from .interrupt import Position
 from .precision import resolve_precision
-from .recipe import Recipe, global_batch, recipe_to_dict, round_index, round_lr, round_refinery, round_seed, to_toml
+from .recipe import Recipe, global_batch, recipe_to_dict, round_index, round_seed, to_toml
+from .schedule import round_schedule
 from .round import RoundEnv, ThreadPlan, refinery_source, run_round
 
 log = logging.getLogger("fastrefine")
@@ -103,13 +105,14 @@ def _selected(recipe: Recipe, only: str | None) -> list[int]:
         raise UsageError(f"--round {only!r}: {e}") from None
 
 
-def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path) -> None:
+def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path, restart: bool = False) -> None:
     """Everything the selected rounds need, checked before any of them trains: refinery checkpoints exist
-    and are not the round's own, torchvision refineries name a real model, a refinery round runs first."""
+    and are not the round's own, torchvision refineries name a real model, a refinery round runs first
+    (with `restart`, the run folder's checkpoints are about to be moved aside: they count as absent)."""
     from .models import create_model
     for i in selected:
         rd = recipe.rounds[i]
-        name, opts = recipe.round_model(rd)
+        name, opts = rd.model, rd.model_options
         try:  # every round's student is built here, on the meta device (no memory, no weights)
             with torch.device("meta"):
                 create_model(name, num_classes=recipe.data.num_classes or 10, **opts)
@@ -137,7 +140,7 @@ def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path) -> None:
             ckpt.check_header(weights, what=f"refinery.weights = {recipe.refinery.weights!r}:")
         elif src.kind == "round":
             j = round_index(recipe, src.spec)
-            if j not in selected and not src.path.is_file():
+            if j not in selected and (restart or not src.path.is_file()):
                 raise UsageError(f"{where}: round {src.spec!r} is not run here and has no {src.path.name} yet "
                                  f"({src.path}); run it first or drop --round")
             if src.path.is_file():
@@ -153,11 +156,11 @@ def describe_plan(recipe: Recipe, *, restart: bool = False, only: str | None = N
              f"{recipe.optim.reference_batch} images ({recipe.optim.lr_scaling} scaling)", "rounds:"]
     for i in _selected(recipe, only):
         rd = recipe.rounds[i]
-        name, opts = recipe.round_model(rd)
+        name, opts = rd.model, rd.model_options
         rdir = run_dir / rd.name
         if restart:
             state = "start (restart)"
-        elif ckpt.read_json_marker(rdir / "done.json") is not None:
+        elif atomic.read_json_marker(rdir / "done.json") is not None:
             state = "done, skip"
         elif (rdir / "last.pt").is_file():
             state = "resume"
@@ -165,8 +168,8 @@ def describe_plan(recipe: Recipe, *, restart: bool = False, only: str | None = N
             state = "start"
         extra = f" {opts}" if opts else ""
         seed = f", seed {round_seed(recipe, i)}" + (f" (from {rd.seed_from})" if rd.seed_from else "")
-        lines.append(f"  {i}. {rd.name}: {name}{extra}, {rd.epochs} epochs, lr {round_lr(recipe, i, world_size=world_size):.4g}"
-                     f"{seed}, refinery {round_refinery(recipe, i)} -> {state}")
+        lines.append(f"  {i}. {rd.name}: {name}{extra}, {rd.epochs} epochs, lr {round_schedule(recipe, i, world_size=world_size).peak:.4g}"
+                     f"{seed}, refinery {rd.refinery} -> {state}")
     return "\n".join(lines)
 
 
@@ -217,7 +220,7 @@ def check_resume_changes(recipe: Recipe, *, selected: list[int], run_dir: Path, 
     found = {}
     for i in selected:
         rdir = run_dir / recipe.rounds[i].name
-        if not (rdir / "last.pt").is_file() or ckpt.read_json_marker(rdir / "done.json") is not None:
+        if not (rdir / "last.pt").is_file() or atomic.read_json_marker(rdir / "done.json") is not None:
             continue
         if not (rdir / "recipe.toml").is_file():
             continue
@@ -239,11 +242,11 @@ def open_splits(env: RoundEnv) -> None:
     the run before the first round trains, not after its first epoch. Every rank learns of any rank's
     problem (runfolder.agree), so none waits at a barrier."""
     from .errors import FastRefineError
-    from .round import make_loader, train_resolution, val_resolution
+    from .round import make_loader, train_resolution
     from .runfolder import agree
     r, problem = env.recipe, None
     try:
-        for split, res in (("train", train_resolution(r, 0)), ("val", val_resolution(r))):
+        for split, res in (("train", train_resolution(r, 0)), ("val", r.loader.val_resolution)):
             loader = make_loader(r, split=split, device=env.device, dtype=env.precision.input_dtype, seed=r.run.seed,
                                  resolution=res, workers=env.threads.workers, rank=env.dist.rank,
                                  world_size=env.dist.world_size, backend=env.backend)
@@ -295,7 +298,7 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
     console = console or Console()
     selected = _selected(recipe, only)
     run_dir = run_dir_of(recipe)
-    check_plan(recipe, selected=selected, run_dir=run_dir if not restart else run_dir.with_name(".none"))
+    check_plan(recipe, selected=selected, run_dir=run_dir, restart=restart)
     if recipe.run.tensorboard:
         from .tensorboard import require
         require()  # a missing tensorboard is a one-line error before any round trains
@@ -311,7 +314,7 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
             if restart and run_dir.exists():
                 log.info("--restart: moved the old run folder to %s", _archive(run_dir))
             run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text(run_dir / "recipe.toml", to_toml(recipe_to_dict(recipe)))
+            atomic.write_text(run_dir / "recipe.toml", to_toml(recipe_to_dict(recipe)))
 
         from .runfolder import claim
         folder.enter_context(claim(run_dir, dist=dist_info, out=recipe.run.out, restart=restart, prepare=prepare))
@@ -320,7 +323,7 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
         with env.stop.installed():  # SIGTERM/SIGUSR1: the step finishes, last.pt is written, exit 143
             for i in selected:
                 rd = recipe.rounds[i]
-                done = ckpt.read_json_marker(run_dir / rd.name / "done.json")
+                done = atomic.read_json_marker(run_dir / rd.name / "done.json")
                 if done is not None:
                     log.info("round %s: already finished (%s), skipping", rd.name, run_dir / rd.name / "done.json")
                     rows.append(done)
@@ -328,9 +331,9 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, only: str | None = None
                 rows.append(run_round(env, i))
         if dist_info.is_main:
             from .report import summary_markdown, summary_table, write_chain
-            all_rows = [m for m in (ckpt.read_json_marker(run_dir / r.name / "done.json") for r in recipe.rounds)
+            all_rows = [m for m in (atomic.read_json_marker(run_dir / r.name / "done.json") for r in recipe.rounds)
                         if m is not None]
-            ckpt.write_text(run_dir / "summary.md", summary_markdown(all_rows, title=recipe.run.name))
+            atomic.write_text(run_dir / "summary.md", summary_markdown(all_rows, title=recipe.run.name))
             write_chain(recipe, run_dir)
             console.print(summary_table(all_rows, title=f"{recipe.run.name}: {run_dir}"))
         return rows

@@ -41,6 +41,15 @@ class Dist:
         return reduce
 
 
+def gather_per_rank(d: Dist, mine) -> list:
+    """Every rank's `mine`, in rank order (a collective: every rank calls it)."""
+    if not d.enabled:
+        return [mine]
+    states: list = [None] * d.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
 def init_distributed(device_choice: str) -> tuple[Dist, torch.device]:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); pick the device; start the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -93,6 +93,7 @@ class EpochResult:
     images: int
     seconds: float
     steps: int           # steps run by this call
+    torch_threads: int   # torch's intra-op threads the steps ran with (read once the loader started the epoch)
     stopped_at: int | None = None     # the epoch stopped before this batch (after_update asked)
     partial: Partial | None = None
 
@@ -120,9 +121,12 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
     seen = 0 if carry is None else carry.seen
     last_t, last_n = start, seen
     n_steps = start_step
+    threads = torch.get_num_threads()
     batches = _iter_from(loader, start_step)
     try:
         for i, (images, labels) in enumerate(batches, start=start_step):
+            if i == start_step:  # a loader may set torch's threads when its epoch starts (FFCV does)
+                threads = torch.get_num_threads()
             set_lr(optimizer, lr_fn(epoch + i / steps_per_epoch))
             last = (max_steps and n_steps + 1 >= max_steps) or i + 1 >= steps_per_epoch
             update = accumulate == 1 or (i + 1) % accumulate == 0 or last
@@ -149,7 +153,8 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
                 break  # before the loader is asked for one more batch
             if update and not last and after_update is not None and after_update(i + 1, Partial(sums, seen)):
                 return EpochResult(loss=math.nan, top1=math.nan, images=seen, seconds=time.perf_counter() - start,
-                                   steps=n_steps - start_step, stopped_at=i + 1, partial=Partial(sums, seen))
+                                   steps=n_steps - start_step, torch_threads=threads, stopped_at=i + 1,
+                                   partial=Partial(sums, seen))
     finally:
         _close(batches)
     if sums is None:
@@ -161,7 +166,7 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
         raise RunError(f"loss became {loss_sum} during epoch {epoch}; stopped before writing a checkpoint "
                        f"(the last good one is kept)")
     return EpochResult(loss=loss_sum / n, top1=correct / n, images=int(n),
-                       seconds=time.perf_counter() - start, steps=n_steps - start_step)
+                       seconds=time.perf_counter() - start, steps=n_steps - start_step, torch_threads=threads)
 
 
 def _iter_from(loader, start_step: int):

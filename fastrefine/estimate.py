@@ -139,7 +139,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
     from .chain import _selected, check_plan, make_env, run_dir_of
     from .distributed import Dist
     from .bench.protocol import make_sync, pick_device
-    from .round import build_round, val_resolution
+    from .round import build_round
     if steps < 1 or warmup < 0:
         raise UsageError(f"--estimate-steps must be >= 1 and --estimate-warmup >= 0, got {steps} and {warmup}")
     if throughput is not None and throughput <= 0:
@@ -152,7 +152,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
     check_plan(recipe, selected=selected, run_dir=run_dir_of(recipe))
     lc, data = recipe.loader, Path(recipe.data.path)
     n_train, n_val = split_images(data, "train"), split_images(data, "val")
-    val_batch = lc.val_batch_size or lc.batch_size
+    val_batch = lc.val_batch_size
     per_proc = n_train // procs
     full_steps = per_proc // lc.batch_size
     if full_steps < 1:
@@ -170,7 +170,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
     rounds: list[RoundEstimate] = []
     for i in selected:
         rd = recipe.rounds[i]
-        name, opts = recipe.round_model(rd)
+        name, opts = rd.model, rd.model_options
         res_epochs = resolution_epochs(recipe, rd.epochs)
         passes = eval_passes(recipe, rd.epochs)
         timings, val_s, ref_val_s, notes = [], None, None, []
@@ -180,8 +180,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
             how = f"{lc.batch_size * procs} images / {throughput:g} img/s" + (
                 ", the same at every resolution" if len(res_epochs) > 1 else "")
             timings = [ResolutionTiming(r, n, s_step, how) for r, n in res_epochs.items()]
-            from .recipe import round_refinery
-            refinery_desc = round_refinery(recipe, i)
+            refinery_desc = rd.refinery
         else:
             parts = build_round(env, i, untrained_refinery_ok=True)
             refinery_desc = parts.refinery_desc
@@ -223,7 +222,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
         "steps_per_epoch": steps_per_epoch,
         "steps_per_epoch_why": ("run.max_steps_per_epoch" if steps_per_epoch < full_steps
                                 else f"{n_train} images / {procs} process(es) / batch {lc.batch_size}, last partial batch dropped"),
-        "val_batches_per_pass": val_per_pass, "val_batch": val_batch, "val_resolution": val_resolution(recipe),
+        "val_batches_per_pass": val_per_pass, "val_batch": val_batch, "val_resolution": recipe.loader.val_resolution,
         "mode": "projected" if env is None else "timed",
         "timed_on": None if env is None else where,
         "throughput_img_s": throughput,

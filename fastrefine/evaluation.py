@@ -38,7 +38,7 @@ class RunContext:
 
     @classmethod
     def beside(cls, checkpoint: Path) -> "RunContext":
-        from . import checkpoint as ckpt
+        from .atomic import read_json_marker
         rdir = Path(checkpoint).parent
         recipe = None
         if (rdir / "recipe.toml").is_file():
@@ -47,7 +47,7 @@ class RunContext:
                 recipe = load_recipe(rdir / "recipe.toml")
             except UsageError as e:  # an older or edited record: the command-line settings still work
                 log.warning("%s: not used for defaults (%s)", rdir / "recipe.toml", e)
-        return cls(recipe=recipe, info=ckpt.read_json_marker(rdir / "run.json") or {})
+        return cls(recipe=recipe, info=read_json_marker(rdir / "run.json") or {})
 
 
 @dataclass
@@ -67,18 +67,21 @@ def is_torchvision(spec: str) -> bool:
     return str(spec).startswith(TORCHVISION_PREFIX)
 
 
-def load_checkpoint_model(path: Path) -> LoadedModel:
-    """A fastrefine checkpoint (weights or state layout) rebuilt as its model, on the CPU in eval mode."""
-    from .round import load_model_from_checkpoint
+def load_checkpoint_model(path: Path, *, class_names=None, num_classes: int | None = None,
+                          data: str = "the data") -> LoadedModel:
+    """A fastrefine checkpoint (weights or state layout) rebuilt as its model, on the CPU in eval mode;
+    with `num_classes` (and `class_names`), one trained on other classes is refused."""
+    from .checkpoint import load_model
     path = Path(path)
-    model, meta = load_model_from_checkpoint(path, device=torch.device("cpu"))
+    model, meta = load_model(path, device=torch.device("cpu"), class_names=class_names, num_classes=num_classes,
+                             data=data)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    desc = (f"{path} ({meta['model_name']}" + (", EMA weights" if meta.get("weights") == "ema" else "")
-            + f", round {meta.get('round', '?')}, epoch {meta.get('epoch', '?')}"
-            + (f", recorded val top-1 {100 * meta['val_top1']:.2f}%" if meta.get("val_top1") is not None else "")
+    desc = (f"{path} ({meta.model_name}" + (", EMA weights" if meta.weights == "ema" else "")
+            + f", round {meta.round or '?'}, epoch {meta.epoch}"
+            + (f", recorded val top-1 {100 * meta.val_top1:.2f}%" if meta.val_top1 is not None else "")
             + ")")
-    return LoadedModel(model=model, spec=str(path), name=meta["model_name"], options=dict(meta["model_options"]),
-                       num_classes=int(meta["num_classes"]), meta=dict(meta), context=RunContext.beside(path),
+    return LoadedModel(model=model, spec=str(path), name=meta.model_name, options=dict(meta.model_options),
+                       num_classes=meta.num_classes, meta=meta.to_dict(), context=RunContext.beside(path),
                        description=desc)
 
 
@@ -121,7 +124,6 @@ class EvalSettings:
 def resolve_settings(context: RunContext, *, data: Path, split: str, resolution: int | None, crop_ratio: float | None,
                      batch_size: int | None, backend: str | None, precision: str | None, device: str) -> EvalSettings:
     """Each setting: the command line's, else the round's beside the checkpoint, else the default."""
-    from .round import val_resolution
     r, why = context.recipe, {}
 
     def pick(key: str, given, from_run, default):
@@ -134,9 +136,9 @@ def resolve_settings(context: RunContext, *, data: Path, split: str, resolution:
         why[key] = "default"
         return default
 
-    res = pick("resolution", resolution, val_resolution(r) if r else None, DEFAULT_RESOLUTION)
+    res = pick("resolution", resolution, r.loader.val_resolution if r else None, DEFAULT_RESOLUTION)
     ratio = pick("crop_ratio", crop_ratio, r.loader.val_crop_ratio if r else None, DEFAULT_CROP_RATIO)
-    batch = pick("batch_size", batch_size, (r.loader.val_batch_size or r.loader.batch_size) if r else None, DEFAULT_BATCH)
+    batch = pick("batch_size", batch_size, r.loader.val_batch_size if r else None, DEFAULT_BATCH)
     prec = pick("precision", precision, r.run.precision if r else None, "auto")
     # the run's backend only on the run's own data: another dataset may not be converted for it
     run_backend = context.info.get("backend") if r is not None and _same_path(r.data.path, data) else None
@@ -170,9 +172,7 @@ def evaluate_model(spec: str, data: Path, *, split: str = "val", resolution: int
         loaded = load_torchvision_model(spec, weights=weights, class_map=class_map, class_names=names,
                                         num_classes=num_classes, loader_norm=(IMAGENET_MEAN, IMAGENET_STD))
     else:
-        loaded = load_checkpoint_model(Path(spec))
-        if loaded.num_classes != num_classes:
-            raise UsageError(f"{spec}: the model has {loaded.num_classes} classes, {data} has {num_classes}")
+        loaded = load_checkpoint_model(Path(spec), class_names=names, num_classes=num_classes, data=str(data))
     s = resolve_settings(loaded.context, data=data, split=split, resolution=resolution, crop_ratio=crop_ratio,
                          batch_size=batch_size, backend=backend, precision=precision, device=str(dev))
     prec = resolve_precision(s.precision, dev)

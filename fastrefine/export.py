@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from . import atomic
 from .errors import UsageError
 
 log = logging.getLogger("fastrefine")
@@ -72,7 +72,6 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str = "pt2", resoluti
     checkpoint model's on random inputs)."""
     from .evaluation import load_checkpoint_model
     from .loaders import IMAGENET_MEAN, IMAGENET_STD
-    from .round import val_resolution
     if fmt not in FORMATS:
         raise UsageError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     missing = [m for m in ("onnx", "onnxscript") if fmt == "onnx" and importlib.util.find_spec(m) is None]
@@ -84,7 +83,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str = "pt2", resoluti
     model = loaded.model.float().eval()
     ctx = loaded.context
     if resolution is None:
-        resolution = val_resolution(ctx.recipe) if ctx.recipe is not None else 224
+        resolution = ctx.recipe.loader.val_resolution if ctx.recipe is not None else 224
     norm = ctx.info.get("normalization") or {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     classes, readable = _class_names(data if data is not None else (Path(ctx.recipe.data.path) if ctx.recipe else None),
                                      loaded.num_classes)
@@ -108,13 +107,13 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str = "pt2", resoluti
                         "# torch alone; batch size free, spatial size fixed")
         program = _export_program(model, example)
         blob = json.dumps(info, indent=2)
-        ckpt.atomic_write(out, lambda fh: torch.export.save(program, fh, extra_files={EXTRA_FILE: blob}))
+        atomic.atomic_write(out, lambda fh: torch.export.save(program, fh, extra_files={EXTRA_FILE: blob}))
         got = torch.export.load(out).module()(example)
     elif fmt == "state_dict":
         info["load"] = "state_dict = torch.load(PATH, weights_only=True); then see rebuild"
         info["rebuild"] = rebuild_recipe(loaded.name, loaded.options, loaded.num_classes)
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        ckpt.save_atomic(state, out)
+        atomic.atomic_write(out, lambda fh: torch.save(state, fh))
         model.load_state_dict(torch.load(out, weights_only=True))
         got = model(example)
     else:
@@ -125,7 +124,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str = "pt2", resoluti
         with torch.no_grad():
             diff = float((got.detach() - reference).abs().max())
         info["check"] = {"max_abs_logit_difference": diff, "inputs": "2 random images"}
-    ckpt.write_json(sidecar(out), info)
+    atomic.write_json(sidecar(out), info)
     return info
 
 
@@ -143,7 +142,7 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> No
     buf = io.BytesIO()
     torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
                       dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    ckpt.atomic_write(out, lambda fh: fh.write(buf.getvalue()))
+    atomic.atomic_write(out, lambda fh: fh.write(buf.getvalue()))
 
 
 def _class_names(data: Path | None, num_classes: int) -> tuple[list[str] | None, list[str] | None]:

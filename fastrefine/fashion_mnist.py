@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checkpoint import atomic_write, read_json_marker, write_json, write_text
+from .atomic import atomic_write, read_json_marker, write_json, write_text
 from .errors import UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

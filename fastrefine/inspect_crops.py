@@ -77,9 +77,8 @@ def _run_recipe_of(checkpoint: Path):
 
 def default_resolution(checkpoint: Path, fallback: int = 224) -> int:
     """The resolution the checkpoint's round evaluated at, from its run folder; else `fallback`."""
-    from .round import val_resolution
     recipe = _run_recipe_of(checkpoint)
-    return val_resolution(recipe) if recipe is not None else fallback
+    return recipe.loader.val_resolution if recipe is not None else fallback
 
 
 def default_data(checkpoint: Path) -> Path | None:
@@ -233,20 +232,20 @@ def inspect_image(*, checkpoint: Path, image: Path, crops: int = 4, out: Path | 
              "crops": [{"box": (left, top, width, height), "top5": [(class, prob), ...],
                         "top5_index": [...], "gt_prob": p or None}, ...]}.
     """
-    from .round import load_model_from_checkpoint
+    from .checkpoint import load_model
 
     if crops < 1:
         raise UsageError(f"--crops: expected at least 1, got {crops}")
     checkpoint, image = Path(checkpoint), Path(image)
     output_path(out, image)  # a bad --out is refused before any work
-    model, meta = load_model_from_checkpoint(checkpoint, device=torch.device("cpu"))
+    model, meta = load_model(checkpoint, device=torch.device("cpu"))
     model.eval()
     if isinstance(class_names, list):
         class_names = ClassList(list(class_names), list(class_names))
     if class_names is None and default_data(checkpoint) is not None:
         class_names = load_class_list(default_data(checkpoint))
-    if class_names is not None and len(class_names.names) != meta["num_classes"]:
-        raise UsageError(f"{checkpoint}: the model has {meta['num_classes']} classes but "
+    if class_names is not None and len(class_names.names) != meta.num_classes:
+        raise UsageError(f"{checkpoint}: the model has {meta.num_classes} classes but "
                          f"{len(class_names.names)} class names were given")
     names = class_names.names if class_names else None
     resolution = resolution or default_resolution(checkpoint)
@@ -263,7 +262,7 @@ def inspect_image(*, checkpoint: Path, image: Path, crops: int = 4, out: Path | 
         records.append({"box": box, "top5": [(_label(i, names), p) for i, p in zip(idx, probs)],
                         "top5_index": idx, "gt_prob": float(full[gt_index]) if gt_index is not None else None})
     out = output_path(out, image)
-    title = f"{meta['model_name']} ({checkpoint.parent.name}/{checkpoint.name}) at {resolution}px"
+    title = f"{meta.model_name} ({checkpoint.parent.name}/{checkpoint.name}) at {resolution}px"
     _draw(img=img, boxes=boxes, crops_out=records, crop_images=crop_images, gt=gt, title=title, out=out)
     return {"image": str(image), "checkpoint": str(checkpoint), "out": str(out), "resolution": resolution,
             "shown_size": img.size, "ground_truth": gt, "ground_truth_index": gt_index, "crops": records}

@@ -14,7 +14,7 @@ def write_json_report(path: Path, obj: Any) -> None:
     """`obj` as indented JSON at `path`: atomically (temporary + rename) unless `path` names something
     other than a regular file or a new file (a character device, a FIFO, a socket), which is written as
     a stream."""
-    from .checkpoint import write_json
+    from .atomic import write_json
     path = Path(path)
     try:
         mode = path.stat().st_mode

@@ -2,6 +2,12 @@
 
 An unknown or misspelt key, a wrong type or a value out of range is a RecipeError (exit 2) naming the
 file and the dotted key. `--set a.b=value` overrides use the same dotted keys and the same checks.
+
+Inheritance is resolved once, at load (`_resolve`): every round's model, model_options, lr and refinery
+("none", an earlier round's name, a checkpoint path or "torchvision:NAME"; never "previous"), and the
+loader's val_batch_size and val_resolution hold real values in a loaded Recipe. The None that remain
+mean "absent" (no progressive resizing, no step cap, no seed_from, workers and num_classes decided at
+start from the machine and the data).
 """
 
 from __future__ import annotations
@@ -185,10 +191,12 @@ class Recipe:
     rounds: list[RoundConfig] = _field([])
     source: str = field(default="", metadata={"internal": True})
 
-    def round_model(self, r: RoundConfig) -> tuple[str, dict]:
-        name = r.model if r.model is not None else self.model.name
-        opts = self.model.options if r.model_options is None else r.model_options
-        return name, dict(opts)
+
+
+def _inherited_model(recipe: Recipe, r: RoundConfig) -> tuple[str, dict]:
+    name = r.model if r.model is not None else recipe.model.name
+    opts = recipe.model.options if r.model_options is None else r.model_options
+    return name, dict(opts)
 
 
 # ---------------------------------------------------------------- strict conversion
@@ -305,7 +313,6 @@ _MOVED = {("OptimConfig", "label_smoothing"): "moved to each round: [[rounds]] l
 
 
 def _close_match(key: str, known: dict) -> str | None:
-    import difflib
     hits = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return hits[0] if hits else None
 
@@ -377,7 +384,24 @@ def recipe_from_dict(raw: dict, *, source: str = "<dict>") -> Recipe:
         _validate(recipe)
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
-    return dataclasses.replace(recipe, source=source)
+    return dataclasses.replace(_resolve(recipe), source=source)
+
+
+def _resolve(r: Recipe) -> Recipe:
+    """What a left-out key inherits, filled in once (see the module's docstring)."""
+    rounds = []
+    for i, rd in enumerate(r.rounds):
+        name, opts = _inherited_model(r, rd)
+        ref = rd.refinery if rd.refinery is not None else ("none" if i == 0 else "previous")
+        rounds.append(dataclasses.replace(rd, model=name, model_options=opts,
+                                          lr=rd.lr if rd.lr is not None else r.optim.lr,
+                                          refinery=r.rounds[i - 1].name if ref == "previous" else ref))
+    lc = r.loader
+    final_train = lc.progressive.end if lc.progressive is not None else lc.resolution
+    loader = dataclasses.replace(
+        lc, val_batch_size=lc.val_batch_size if lc.val_batch_size is not None else lc.batch_size,
+        val_resolution=lc.val_resolution if lc.val_resolution is not None else final_train)
+    return dataclasses.replace(r, rounds=rounds, loader=loader)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -412,7 +436,7 @@ def _validate(r: Recipe) -> None:
             raise RecipeError(f"{where}.name: expected letters, digits, '_', '-', '.', got {rd.name!r}")
         if rd.name in names:
             raise RecipeError(f"{where}.name: {rd.name!r} is used by an earlier round")
-        model_name, _ = r.round_model(rd)
+        model_name, _ = _inherited_model(r, rd)
         if not model_name:
             raise RecipeError(f"{where}.model: no model: set [model].name or this round's model")
         known_models = _model_names()
@@ -500,23 +524,6 @@ def lr_scale(recipe: Recipe, *, world_size: int) -> float:
     if recipe.optim.lr_scaling == "none":
         return 1.0
     return global_batch(recipe, world_size=world_size) / recipe.optim.reference_batch
-
-
-def round_lr(recipe: Recipe, index: int, *, world_size: int) -> float:
-    """The round's peak learning rate for this many processes: [optim].lr (or the round's own lr), given
-    for a global batch of optim.reference_batch images, scaled linearly with the real global batch."""
-    rd = recipe.rounds[index]
-    base = rd.lr if rd.lr is not None else recipe.optim.lr
-    return base * lr_scale(recipe, world_size=world_size)
-
-
-def round_refinery(recipe: Recipe, index: int) -> str:
-    """The resolved refinery spec of round `index`: 'none', a round name, or a checkpoint path."""
-    rd = recipe.rounds[index]
-    ref = rd.refinery if rd.refinery is not None else ("none" if index == 0 else "previous")
-    if ref == "previous":
-        return recipe.rounds[index - 1].name
-    return ref
 
 
 # ---------------------------------------------------------------- writing

@@ -29,7 +29,7 @@ def save_figure(fig, png: Path, **savefig) -> None:
     """A matplotlib figure as a PNG, written atomically (a reader never sees half a figure), then closed."""
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
     try:
         atomic_write(Path(png), lambda fh: fig.savefig(fh, format="png", dpi=100, **savefig))
     finally:
@@ -76,8 +76,7 @@ def chain_rows(recipe, run_dir: Path) -> list[dict]:
     """One row per finished round in the order the chain figure shows them: recipe order, except that a
     round with `seed_from` joins the group of the round it is paired with (paired rounds side by side).
     Each row: the round's done.json plus `pair` (the group's first round) and `refinery_round`."""
-    from .checkpoint import read_json_marker
-    from .recipe import round_refinery
+    from .atomic import read_json_marker
     names = [r.name for r in recipe.rounds]
     group = {}
     for rd in recipe.rounds:
@@ -88,7 +87,7 @@ def chain_rows(recipe, run_dir: Path) -> list[dict]:
         done = read_json_marker(run_dir / names[i] / "done.json")
         if done is None:
             continue
-        ref = round_refinery(recipe, i)
+        ref = recipe.rounds[i].refinery
         rows.append({**done, "pair": group[names[i]], "refinery_round": ref if ref in names else None,
                      "refinery_spec": ref})
     return rows
@@ -166,7 +165,7 @@ def plot_chain(rows: list[dict], png: Path, *, title: str) -> Path | None:
 
 def write_chain(recipe, run_dir: Path) -> list[Path]:
     """runs/NAME/chain.md and chain.png from the finished rounds (atomic writes)."""
-    from .checkpoint import write_text
+    from .atomic import write_text
     rows = chain_rows(recipe, run_dir)
     if not rows:
         return []

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from . import atomic
 from . import checkpoint as ckpt
 from .distributed import Dist
 from .engine import build_accumulate_step, build_step, evaluate, train_epoch
@@ -30,10 +31,11 @@ from .interrupt import Position, deferred
 from .optim import make_clipper, make_optimizer
 from .precision import Precision
 from .preempt import Preempted, StopSignals, StopVote
-from .recipe import (TORCHVISION_PREFIX, Recipe, global_batch, lr_scale, recipe_to_dict, round_index, round_lr, round_refinery,
-                     round_seed, to_toml)
+from .recipe import (TORCHVISION_PREFIX, Recipe, global_batch, recipe_to_dict, round_index, round_seed,
+                     to_toml)
 from .refinery import AdversarialJitter, NoRefinery, Refinery, make_loss, no_jitter
-from .schedule import lr_at, resolution_at
+from .saver import Saver
+from .schedule import LrSchedule, resolution_at, round_schedule
 
 log = logging.getLogger("fastrefine")
 
@@ -53,7 +55,7 @@ class RoundEnv:
     dist: Dist
     device: torch.device
     precision: Precision
-    run_dir: Path
+    run_dir: Path | None           # None: no run folder (the step benchmark); refinery rounds have no checkpoint
     num_classes: int
     class_names: list[str]
     threads: ThreadPlan
@@ -71,7 +73,7 @@ class RoundParts:
     index: int
     name: str
     seed: int
-    lr: float
+    lr_fn: LrSchedule            # fractional epoch -> lr, batch scaling included
     model_name: str
     model_options: dict
     student: nn.Module
@@ -89,6 +91,11 @@ class RoundParts:
     backend_reason: str
     ema: WeightEma | None = None   # run.ema: the average of the student's weights
     _val: object = None
+
+    @property
+    def lr(self) -> float:
+        """The round's peak learning rate (scaled for the global batch)."""
+        return self.lr_fn.peak
 
     @property
     def val_loader(self):
@@ -118,13 +125,6 @@ def train_resolution(recipe: Recipe, epoch: int) -> int:
                          multiple=p.multiple)
 
 
-def val_resolution(recipe: Recipe) -> int:
-    lc = recipe.loader
-    if lc.val_resolution is not None:
-        return lc.val_resolution
-    return lc.progressive.end if lc.progressive else lc.resolution
-
-
 def make_loader(recipe: Recipe, *, split: str, device: torch.device, dtype: torch.dtype, seed: int,
                 resolution: int, workers: int, rank: int = 0, world_size: int = 1, shuffle: bool | None = None,
                 backend: str | None = None, refinery_view: str = "crop"):
@@ -139,7 +139,7 @@ def make_loader(recipe: Recipe, *, split: str, device: torch.device, dtype: torc
         raise UsageError(f"refinery.view = {refinery_view!r} needs the torch loader; loader.backend resolved to "
                          f"{backend!r} (set loader.backend = 'torch')")
     view = {} if refinery_view == "crop" else {"refinery_view": refinery_view}
-    batch = lc.batch_size if split == "train" else (lc.val_batch_size or lc.batch_size)
+    batch = lc.batch_size if split == "train" else lc.val_batch_size
     return build(data=recipe.data.path, backend=backend, split=split, batch_size=batch, resolution=resolution,
                  device=device, dtype=dtype, rank=rank, world_size=world_size, seed=seed, workers=workers,
                  scale=lc.scale, ratio=lc.ratio, val_crop_ratio=lc.val_crop_ratio, flip=lc.flip,
@@ -150,40 +150,25 @@ def make_loader(recipe: Recipe, *, split: str, device: torch.device, dtype: torc
 @dataclass(frozen=True)
 class RefinerySource:
     kind: str            # "none" | "round" | "checkpoint" | "torchvision"
-    spec: str            # as written in the recipe (resolved "previous")
-    path: Path | None    # the checkpoint file (round, checkpoint) or the weights file (torchvision .pth)
+    spec: str            # the round's refinery as resolved at load
+    path: Path | None    # the checkpoint file (a round's: None without a run folder; a checkpoint path's)
 
 
-def refinery_source(recipe: Recipe, index: int, *, run_dir: Path) -> RefinerySource:
+def refinery_source(recipe: Recipe, index: int, *, run_dir: Path | None) -> RefinerySource:
     """Where round `index`'s refinery comes from. Relative checkpoint paths are tried from the working
     directory, then from the recipe's folder."""
-    spec = round_refinery(recipe, index)
+    spec = recipe.rounds[index].refinery
     if spec == "none":
         return RefinerySource("none", spec, None)
     if spec.startswith(TORCHVISION_PREFIX):
         return RefinerySource("torchvision", spec, None)
     if spec in [r.name for r in recipe.rounds]:
-        return RefinerySource("round", spec, run_dir / spec / f"{recipe.refinery.use}.pt")
+        return RefinerySource("round", spec, None if run_dir is None else run_dir / spec / f"{recipe.refinery.use}.pt")
     path = Path(spec).expanduser()
     if not path.is_absolute() and not path.exists() and recipe.source:
         alt = Path(recipe.source).parent / path
         path = alt if alt.exists() else path
     return RefinerySource("checkpoint", spec, path)
-
-
-def load_model_from_checkpoint(path: Path, *, device: torch.device, num_classes: int | None = None):
-    """(model on `device`, channels_last; its meta) from a fastrefine checkpoint (best.pt / last.pt)."""
-    from .models import create_model
-    state = ckpt.load(path, map_location="cpu")
-    meta = state["meta"]
-    if num_classes is not None and meta["num_classes"] != num_classes:
-        raise UsageError(f"{path}: the checkpoint has {meta['num_classes']} classes, the dataset {num_classes}")
-    model = create_model(meta["model_name"], num_classes=meta["num_classes"], **meta["model_options"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UsageError(f"{path}: its weights do not fit {meta['model_name']} ({str(e).splitlines()[0]})") from None
-    return model.to(device, memory_format=torch.channels_last), meta
 
 
 def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False,
@@ -210,18 +195,21 @@ def refinery_module(env: RoundEnv, index: int, *, untrained_ok: bool = False,
                                           loader=(norm.mean, norm.std))
         log.info("refinery %s: %s", src.spec, note)
         return model.to(env.device, memory_format=torch.channels_last), desc
-    if not src.path.is_file():
+    if src.path is None or not src.path.is_file():
         if src.kind == "round" and untrained_ok:
             from .models import create_model
-            name, opts = r.round_model(r.rounds[round_index(r, src.spec)])
+            src_round = r.rounds[round_index(r, src.spec)]
+            name, opts = src_round.model, src_round.model_options
             model = create_model(name, num_classes=env.num_classes, **opts)
             return model.to(env.device, memory_format=torch.channels_last), f"{src.spec} ({name}, random weights)"
         if src.kind == "round":
-            raise RunError(f"refinery round {src.spec!r} has no {src.path.name} yet ({src.path}); run that round first")
+            raise RunError(f"refinery round {src.spec!r} has no {r.refinery.use}.pt yet ({src.path or 'no run folder'}); "
+                           f"run that round first")
         raise UsageError(f"rounds[{index}].refinery: checkpoint {src.spec!r} not found")
-    model, meta = load_model_from_checkpoint(src.path, device=env.device, num_classes=env.num_classes)
-    ema = ", EMA weights" if meta.get("weights") == "ema" else ""
-    return model, f"{src.spec} ({meta['model_name']}{ema})"
+    model, meta = ckpt.load_model(src.path, device=env.device, class_names=env.class_names,
+                                  num_classes=env.num_classes, data=r.data.path)
+    ema = ", EMA weights" if meta.weights == "ema" else ""
+    return model, f"{src.spec} ({meta.model_name}{ema})"
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -236,7 +224,7 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     from .models import create_model
     r, rd = env.recipe, env.recipe.rounds[index]
     seed = round_seed(r, index)
-    model_name, model_opts = r.round_model(rd)
+    model_name, model_opts = rd.model, dict(rd.model_options)
     fmt = torch.channels_last if r.run.channels_last else torch.contiguous_format
     torch.manual_seed(seed)  # the same initial weights on every rank and in a seed_from round
     student = create_model(model_name, num_classes=env.num_classes, **model_opts).to(env.device, memory_format=fmt)
@@ -261,15 +249,15 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     else:
         refinery = NoRefinery()
 
-    lr = round_lr(r, index, world_size=env.dist.world_size)
-    optimizer = make_optimizer(student, lr=lr, momentum=r.optim.momentum, nesterov=r.optim.nesterov,
+    lr_fn = round_schedule(r, index, world_size=env.dist.world_size)
+    optimizer = make_optimizer(student, lr=lr_fn.peak, momentum=r.optim.momentum, nesterov=r.optim.nesterov,
                                weight_decay=r.optim.weight_decay, decay_norm_and_bias=r.optim.decay_norm_and_bias)
     scaler = env.precision.scaler()
     ema = WeightEma(student, decay=r.run.ema) if r.run.ema is not None else None
 
 
     def make_val_loader(shuffle: bool | None = None):
-        return make_loader(r, split="val", resolution=val_resolution(r), shuffle=shuffle, **loader_args)
+        return make_loader(r, split="val", resolution=r.loader.val_resolution, shuffle=shuffle, **loader_args)
 
     model = student
     if r.run.compile:
@@ -295,7 +283,7 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
                      autocast=env.precision.autocast, clip=make_clipper(r.optim.grad_clip, scaler, optimizer),
                      accumulate=r.optim.accumulate)
     step, accumulate_step = build_step(**step_args), build_accumulate_step(**step_args)
-    return RoundParts(index=index, name=rd.name, seed=seed, lr=lr, model_name=model_name, model_options=model_opts,
+    return RoundParts(index=index, name=rd.name, seed=seed, lr_fn=lr_fn, model_name=model_name, model_options=model_opts,
                       student=student, model=model, refinery=refinery, refinery_desc=refinery_desc, refined=refined,
                       optimizer=optimizer, scaler=scaler, step=step, accumulate_step=accumulate_step, train_loader=train_loader,
                       make_val_loader=make_val_loader, backend=backend, backend_reason=reason, ema=ema)
@@ -344,21 +332,6 @@ def _refinery_resolution(recipe: Recipe) -> dict:
 
 # ------------------------------------------------------------------------------------------ state
 
-def gather_rng_states(dist: Dist) -> list[dict]:
-    """Every rank's RNG state, in rank order (a collective: every rank calls it)."""
-    return gather_per_rank(dist, ckpt.rng_state())
-
-
-def gather_per_rank(dist: Dist, mine) -> list:
-    """Every rank's `mine`, in rank order (a collective: every rank calls it)."""
-    if not dist.enabled:
-        return [mine]
-    import torch.distributed as tdist
-    states: list = [None] * dist.world_size
-    tdist.all_gather_object(states, mine)
-    return states
-
-
 def resume_partial(env: RoundEnv, state: dict):
     """(steps done into the checkpoint's epoch, this rank's running sums of those steps) of a mid-epoch
     last.pt; (0, None) at an epoch boundary."""
@@ -375,7 +348,7 @@ def resume_partial(env: RoundEnv, state: dict):
     return k, Partial(sums, int(mine["seen"]))
 
 
-def restore(parts: RoundParts, env: RoundEnv, state: dict) -> tuple[int, float, int]:
+def restore(parts: RoundParts, env: RoundEnv, state: dict) -> tuple[int, float | None, int]:
     """Load a last.pt state (mapped to the CPU) into the round's parts: (epoch, best top-1, step)."""
     parts.student.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
@@ -387,25 +360,14 @@ def restore(parts: RoundParts, env: RoundEnv, state: dict) -> tuple[int, float, 
             log.warning("round %s: last.pt holds no EMA weights; the average starts from the resumed weights",
                         parts.name)
             parts.ema.load_state_dict(parts.student.state_dict())
-    rng = ckpt.rank_rng_state(state.get("rng"), env.dist.rank)
+    rng = ckpt.rank_rng_state(state["rng"], env.dist.rank)
     if rng is not None:
         ckpt.set_rng_state(rng)
-    else:  # an older checkpoint (rank 0's state only) or a new world size: a distinct stream per rank
+    else:  # a rank the saving run did not have (a larger world size): a distinct stream per rank
         log.warning("round %s: no saved RNG state for rank %d; reseeded from (seed, epoch, rank)",
                     parts.name, env.dist.rank)
         seed_everything(parts.seed + 7919 * state["epoch"] + env.dist.rank)
     return state["epoch"], state["best_top1"], state["step"]
-
-
-def read_resume_state(rdir: Path) -> dict | None:
-    last = rdir / "last.pt"
-    if not last.is_file():
-        return None
-    state = ckpt.load(last, map_location="cpu")  # RNG states must stay CPU tensors, whatever the device
-    missing = [k for k in ("optimizer", "scaler", "epoch", "step", "best_top1") if k not in state]
-    if missing:
-        raise UsageError(f"{last}: a weights-only checkpoint (no {', '.join(missing)}); cannot resume from it")
-    return state
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -415,12 +377,13 @@ def run_round(env: RoundEnv, index: int) -> dict:
     r, rd = env.recipe, env.recipe.rounds[index]
     rdir, main = env.run_dir / rd.name, env.dist.is_main
     if main:
-        ckpt.clean_stale_temporaries(rdir)
-    state = read_resume_state(rdir)
+        atomic.clean_stale_temporaries(rdir)
+    state = ckpt.load_state(rdir / "last.pt", class_names=env.class_names, num_classes=env.num_classes,
+                            data=r.data.path)
     start_epoch = state["epoch"] if state else 0
     compiled_before = compile_counters() if r.run.compile else {}
     parts = build_round(env, index, start_epoch=start_epoch)
-    best, global_step, start_step, carry = -1.0, 0, 0, None
+    best, global_step, start_step, carry = None, 0, 0, None
     if state:
         start_epoch, best, global_step = restore(parts, env, state)
         start_step, carry = resume_partial(env, state)
@@ -431,7 +394,9 @@ def run_round(env: RoundEnv, index: int) -> dict:
     del state
     env.position.start_round(rd.name, saved_epochs=start_epoch, saved_step=start_step)
     from .runlog import MetricsLog, truncate_to_epoch
-    steps_per_epoch = min(max(1, len(parts.train_loader)), r.run.max_steps_per_epoch or 1 << 62)
+    steps_per_epoch = max(1, len(parts.train_loader))
+    if r.run.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, r.run.max_steps_per_epoch)
     metrics = MetricsLog(rdir / "metrics.jsonl", enabled=main, round=rd.name)
     if main:
         truncate_to_epoch(rdir / "metrics.jsonl", epochs_done=start_epoch, steps_into=start_step)
@@ -441,27 +406,23 @@ def run_round(env: RoundEnv, index: int) -> dict:
     reduce = env.dist.all_reduce_sum()
     ac, max_val = env.precision.autocast, r.run.max_val_batches
     refinery_val = _evaluate_refinery(env, parts, metrics, reduce) if parts.refined and start_epoch == 0 else None
-    scale = lr_scale(r, world_size=env.dist.world_size)  # a step schedule's lrs scale like optim.lr
-    started, last_eval, last_train, seen_threads, last_ema = time.perf_counter(), None, None, [], None
+    started, last_eval, last_train, last_ema = time.perf_counter(), None, None, None
     vote = StopVote(env.stop, env.dist.control, enabled=env.dist.enabled)
     every = r.run.checkpoint_every_steps
     from .progress import PlainProgress, run_progress
     bar = run_progress(enabled=main and r.run.progress, console=env.console)
     if isinstance(bar, PlainProgress):
         metrics.mirrors.append(bar.step_record)  # a line per log_every steps
-    with bar, metrics:
+    with Saver(rdir, dist=env.dist, best_top1=best) as saver, metrics, bar:
         for epoch in range(start_epoch, rd.epochs):
             res = train_resolution(r, epoch)
             parts.train_loader.set_epoch(epoch)
             parts.train_loader.set_resolution(res)
             task = bar.add_task(f"{rd.name} {epoch + 1}/{rd.epochs} {res}px",
                                 total=steps_per_epoch * parts.train_loader.batch_size, info="")
-            seen_threads.clear()
             env.position.start_epoch(epoch, step=start_step)
 
             def on_step(n: int, task=task) -> None:
-                if not seen_threads:  # what the step really ran with, after the loader started its epoch
-                    seen_threads.append(torch.get_num_threads())
                 env.position.step += 1
                 bar.advance(task, n)
 
@@ -471,20 +432,22 @@ def run_round(env: RoundEnv, index: int) -> dict:
                 """Mid-epoch: stop when every rank agrees a stop was asked; save every N steps."""
                 stopping = vote.poll()
                 if stopping or (every and (epoch_base + next_step) % every == 0):
-                    with deferred():
-                        _save(env, parts, rdir, epoch=epoch, step=epoch_base + next_step, best=best, improved=False,
-                              val_top1=None, epoch_step=next_step, partial=partial)
+                    with deferred():  # the state copied and recorded as saved before a Ctrl-C is taken
+                        saver.save(model=parts.student, optimizer=parts.optimizer, scaler=parts.scaler,
+                                   ema=parts.ema, meta=_meta(parts, env, epoch=epoch, val_top1=None), epoch=epoch,
+                                   step=epoch_base + next_step, val_top1=None, epoch_step=next_step, partial=partial)
                         env.position.saved(epoch, step=next_step)
+                if stopping:
+                    saver.flush()  # that step on disk before any rank exits
                 return stopping
 
             if start_step:
                 bar.advance(task, start_step * parts.train_loader.batch_size)
 
             result = train_epoch(parts.train_loader, step=parts.step, optimizer=parts.optimizer, epoch=epoch,
-                                 lr_fn=lambda e: lr_at(e, cfg=r.schedule, base_lr=parts.lr, total_epochs=rd.epochs,
-                                                       scale=scale),
-                                 steps_per_epoch=steps_per_epoch, max_steps=r.run.max_steps_per_epoch,
-                                 log_every=r.run.log_every, on_log=metrics.write, on_step=on_step, all_reduce=reduce,
+                                 lr_fn=parts.lr_fn, steps_per_epoch=steps_per_epoch,
+                                 max_steps=r.run.max_steps_per_epoch, log_every=r.run.log_every, on_log=metrics.write,
+                                 on_step=on_step, all_reduce=reduce,
                                  accumulate=r.optim.accumulate, accumulate_step=parts.accumulate_step,
                                  on_update=parts.ema.update if parts.ema is not None else lambda: None,
                                  start_step=start_step, carry=carry, after_update=after_update)
@@ -496,7 +459,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
             record = {"kind": "epoch", "epoch": epoch, "step": global_step, "resolution": res,
                       "train_loss": result.loss, "train_top1": result.top1, "train_images": result.images,
                       "train_seconds": result.seconds, "img_s": result.images / max(result.seconds, 1e-9),
-                      "lr": parts.optimizer.param_groups[0]["lr"], "torch_threads": seen_threads[0]}
+                      "lr": parts.optimizer.param_groups[0]["lr"], "torch_threads": result.torch_threads}
             if (epoch + 1) % r.run.eval_every == 0 or epoch + 1 == rd.epochs:
                 last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
                 record.update(val_loss=last_eval["loss"], val_top1=last_eval["top1"], val_top5=last_eval["top5"],
@@ -507,32 +470,35 @@ def run_round(env: RoundEnv, index: int) -> dict:
                     record.update(ema_val_loss=last_ema["loss"], ema_val_top1=last_ema["top1"],
                                   ema_val_top5=last_ema["top5"])
             metrics.write(record)
-            improved = "val_top1" in record and record["val_top1"] > best
-            best = max(best, record.get("val_top1", best))
-            with deferred():  # a Ctrl-C or SIGTERM waits for the checkpoint: the line it prints is then exact
-                _save(env, parts, rdir, epoch=epoch + 1, step=global_step, best=best, improved=improved,
-                      val_top1=record.get("val_top1"))
+            # a Ctrl-C or SIGTERM waits for the state's copy (the writer thread is joined on the way out):
+            # the line it prints is then exact
+            with deferred():
+                saver.save(model=parts.student, optimizer=parts.optimizer, scaler=parts.scaler, ema=parts.ema,
+                           meta=_meta(parts, env, epoch=epoch + 1, val_top1=record.get("val_top1")),
+                           epoch=epoch + 1, step=global_step, val_top1=record.get("val_top1"))
                 env.position.saved(epoch + 1)
             bar.update(task, info=f"loss {result.loss:.3f} train {100 * result.top1:.0f}%"
                        + (f" val {100 * record['val_top1']:.1f}%" if "val_top1" in record else "")
                        + (f" ema {100 * record['ema_val_top1']:.1f}%" if "ema_val_top1" in record else ""))
             if epoch + 1 < rd.epochs and vote.settle():
+                saver.flush()
                 raise Preempted(_stopped_line(env, rdir, epoch=epoch + 1, step=0, of=steps_per_epoch))
-    env.position.epoch = None
-    if last_eval is None:  # resumed after the final epoch: evaluate the finished weights for the summary
-        last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
-        if parts.ema is not None:
-            last_ema = evaluate(parts.ema.module, parts.val_loader, autocast=ac, max_batches=max_val,
-                                all_reduce=reduce)
-    summary = _summary(env, parts, rd, refinery_val, last_train, last_eval, best, started)
-    summary["compiles"] = compiles_since(compiled_before) if r.run.compile else None
-    if summary["compiles"]:
-        log.info("round %s: torch.compile compiled %d frames (%d graphs): %.1f s whole-frame, %.1f s backward",
-                 rd.name, summary["compiles"]["frames"], summary["compiles"]["graphs"],
-                 summary["compiles"]["frame_compile_s"], summary["compiles"]["backward_compile_s"])
-    summary["ema_val_top1"] = last_ema["top1"] if last_ema is not None else None
-    if main:
-        _finish(env, parts, rdir, summary)
+        env.position.epoch = None
+        if last_eval is None:  # resumed after the final epoch: evaluate the finished weights for the summary
+            last_eval = evaluate(parts.student, parts.val_loader, autocast=ac, max_batches=max_val, all_reduce=reduce)
+            if parts.ema is not None:
+                last_ema = evaluate(parts.ema.module, parts.val_loader, autocast=ac, max_batches=max_val,
+                                    all_reduce=reduce)
+        summary = _summary(env, parts, rd, refinery_val, last_train, last_eval, saver.best_top1, started)
+        summary["compiles"] = compiles_since(compiled_before) if r.run.compile else None
+        if summary["compiles"]:
+            log.info("round %s: torch.compile compiled %d frames (%d graphs): %.1f s whole-frame, %.1f s backward",
+                     rd.name, summary["compiles"]["frames"], summary["compiles"]["graphs"],
+                     summary["compiles"]["frame_compile_s"], summary["compiles"]["backward_compile_s"])
+        summary["ema_val_top1"] = last_ema["top1"] if last_ema is not None else None
+        if main:
+            saver.finish()
+            _finish(env, parts, rdir, summary)
     env.dist.barrier()
     parts.close()
     return summary
@@ -568,9 +534,9 @@ def _evaluate_refinery(env: RoundEnv, parts: RoundParts, metrics, reduce) -> dic
     return res
 
 
-def _meta(parts: RoundParts, env: RoundEnv, *, epoch: int, val_top1) -> dict:
-    return {"model_name": parts.model_name, "model_options": parts.model_options, "num_classes": env.num_classes,
-            "round": parts.name, "epoch": epoch, "val_top1": val_top1}
+def _meta(parts: RoundParts, env: RoundEnv, *, epoch: int, val_top1) -> ckpt.Meta:
+    return ckpt.Meta(model_name=parts.model_name, model_options=parts.model_options, num_classes=env.num_classes,
+                     class_names=tuple(env.class_names), round=parts.name, epoch=epoch, val_top1=val_top1)
 
 
 def _stopped_line(env: RoundEnv, rdir: Path, *, epoch: int, step: int, of: int) -> str:
@@ -580,42 +546,20 @@ def _stopped_line(env: RoundEnv, rdir: Path, *, epoch: int, step: int, of: int) 
             f"rerun the same command to resume from it (exit {Preempted.exit_code})")
 
 
-def _save(env: RoundEnv, parts: RoundParts, rdir: Path, *, epoch: int, step: int, best: float, improved: bool,
-          val_top1, epoch_step: int = 0, partial=None) -> None:
-    """last.pt (and best.pt when `improved`). `epoch` counts finished epochs; a mid-epoch save also
-    records `epoch_step` (steps done into the next epoch) and every rank's running sums of them."""
-    rng = gather_rng_states(env.dist)  # every rank takes part; rank 0 writes
-    extra = {}
-    if epoch_step:
-        sums = partial.sums.detach().cpu() if partial is not None and partial.sums is not None else None
-        extra = {"epoch_step": epoch_step,
-                 "partial": gather_per_rank(env.dist, {"sums": sums, "seen": partial.seen if partial else 0})}
-    if env.dist.is_main:
-        meta = _meta(parts, env, epoch=epoch, val_top1=val_top1)
-        if improved:
-            ckpt.save_weights(rdir / "best.pt", model=parts.student, meta=meta)
-        ema = parts.ema.state_dict() if parts.ema is not None else None
-        if ema is not None:
-            ckpt.save_weights(rdir / "ema.pt", model=parts.ema.module, meta={**meta, "weights": "ema", "val_top1": None})
-        ckpt.save_state(rdir / "last.pt", model=parts.student, optimizer=parts.optimizer, scaler=parts.scaler,
-                        epoch=epoch, step=step, best_top1=best, meta=meta, rng=rng, ema=ema, extra=extra)
-    env.dist.barrier()
-
-
 def _write_run_record(env: RoundEnv, parts: RoundParts, rdir: Path, start_epoch: int, start_step: int = 0) -> None:
     """run.json and the round's recipe.toml. Recipe changes accepted on a resume (--accept-changes) are
     appended to the list the previous run.json kept, with the epoch and step from which they apply."""
     from .environment import git_revision, hardware
     r = env.recipe
     rdir.mkdir(parents=True, exist_ok=True)
-    before = ckpt.read_json_marker(rdir / "run.json") or {}
+    before = atomic.read_json_marker(rdir / "run.json") or {}
     changes = list(before.get("recipe_changes") or []) if start_epoch or start_step else []
     if env.recipe_changes.get(parts.index):
         changes.append({"from_epoch": start_epoch + 1, "from_step": start_step,
                         "keys": env.recipe_changes[parts.index]})
-    ckpt.write_text(rdir / "recipe.toml", to_toml(recipe_to_dict(r)))
+    atomic.write_text(rdir / "recipe.toml", to_toml(recipe_to_dict(r)))
     loader = parts.train_loader
-    ckpt.write_json(rdir / "run.json", {
+    atomic.write_json(rdir / "run.json", {
         "round": parts.name, "index": parts.index, "seed": parts.seed, "model": parts.model_name,
         "model_options": parts.model_options, "refinery": parts.refinery_desc,
         "refinery_bn": r.refinery.bn if parts.refined else None, "lr": parts.lr,
@@ -644,7 +588,7 @@ def _summary(env, parts, rd, refinery_val, last_train, last_eval, best, started)
     return {"round": rd.name, "model": parts.model_name, "refinery": parts.refinery_desc, "epochs": rd.epochs,
             "seed": parts.seed, "refinery_val_top1": refinery_val["top1"] if refinery_val else None,
             "train_top1": train_top1, "val_top1": last_eval["top1"], "val_top5": last_eval["top5"],
-            "val_loss": last_eval["loss"], "best_val_top1": max(best, last_eval["top1"]),
+            "val_loss": last_eval["loss"], "best_val_top1": last_eval["top1"] if best is None else max(best, last_eval["top1"]),
             "gap": (train_top1 - last_eval["top1"]) if train_top1 is not None else None,
             "minutes": (time.perf_counter() - started) / 60, "backend": parts.backend,
             "val_batches": val_cut(last_eval).get("val_batches")}
@@ -661,6 +605,4 @@ def _finish(env: RoundEnv, parts: RoundParts, rdir: Path, summary: dict) -> None
     from .report import plot_curves
     plot_curves(rdir / "metrics.jsonl", rdir / "curves.png",
                 title=f"{env.recipe.run.name} / {parts.name} ({parts.model_name})")
-    if not (rdir / "best.pt").exists():
-        ckpt.copy_as_weights(rdir / "last.pt", rdir / "best.pt")
-    ckpt.write_json(rdir / "done.json", summary)
+    atomic.write_json(rdir / "done.json", summary)

@@ -21,8 +21,8 @@ import secrets
 import socket
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .distributed import Dist
+from . import atomic
+from .distributed import Dist, gather_per_rank
 from .errors import FastRefineError, RunError, UsageError
 
 log = logging.getLogger("fastrefine")
@@ -45,7 +45,6 @@ def agree(dist: Dist, problem: FastRefineError | None) -> None:
     """Raise on every rank the first problem any rank found (rank order)."""
     mine = None if problem is None else (type(problem).__name__, str(problem))
     if dist.enabled:
-        from .round import gather_per_rank
         found = [p for p in gather_per_rank(dist, mine) if p is not None]
     else:
         found = [mine] if mine is not None else []
@@ -73,9 +72,9 @@ def claim(run_dir: Path, *, dist: Dist, out: str, restart: bool, prepare):
                                              taken=f"run folder {run_dir.name!r} is in use by another run",
                                              advice="wait for it to finish, or set another run.name"))
                 prepare()
-                ckpt.clean_stale_temporaries(run_dir)
+                atomic.clean_stale_temporaries(run_dir)
                 token = f"{secrets.token_hex(16)} {socket.gethostname()} {os.getpid()}"
-                ckpt.write_text(run_dir / TOKEN_NAME, token + "\n")
+                atomic.write_text(run_dir / TOKEN_NAME, token + "\n")
             except FastRefineError as e:
                 problem = e
             except OSError as e:  # an unwritable or full run.out: one line naming it
@@ -83,7 +82,6 @@ def claim(run_dir: Path, *, dist: Dist, out: str, restart: bool, prepare):
                                      f"({e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''})")
         agree(dist, problem)
         if dist.enabled:
-            from .round import gather_per_rank
             token = gather_per_rank(dist, token)[0]
             dist.barrier()
             try:

@@ -79,7 +79,7 @@ def truncate_to_epoch(path: Path, *, epochs_done: int, steps_into: int = 0) -> i
     path = Path(path)
     if not path.is_file():
         return 0
-    from .checkpoint import write_text
+    from .atomic import write_text
     rows = _parse(path)
     keep = [line if line.endswith("\n") else line + "\n" for rec, line in rows
             if rec is not None and (rec.get("kind") == "refinery" or rec.get("epoch", -1) < epochs_done

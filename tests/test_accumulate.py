@@ -10,7 +10,8 @@ from torch import nn
 from fastrefine.engine import build_accumulate_step, build_step, train_epoch
 from fastrefine.optim import make_optimizer
 from fastrefine.precision import resolve_precision
-from fastrefine.recipe import global_batch, lr_scale, recipe_from_dict, round_lr
+from fastrefine.recipe import global_batch, lr_scale, recipe_from_dict
+from fastrefine.schedule import round_schedule
 from fastrefine.refinery import NoRefinery, make_loss, no_jitter
 
 
@@ -94,7 +95,7 @@ def test_lr_and_global_batch_count_accumulated_batches(tmp_path):
     r = recipe_from_dict(raw)
     assert global_batch(r, world_size=2) == 64 * 2 * 4
     assert lr_scale(r, world_size=2) == pytest.approx(2.0)
-    assert round_lr(r, 0, world_size=2) == pytest.approx(0.2)
+    assert round_schedule(r, 0, world_size=2).peak == pytest.approx(0.2)
     raw["optim"]["accumulate"] = 0
     with pytest.raises(Exception, match="optim.accumulate"):
         recipe_from_dict(raw)

@@ -211,14 +211,14 @@ def test_batch_mode_refinery_is_evaluated_on_shuffled_val_batches(tmp_path, demo
     from fastrefine.engine import evaluate
     from fastrefine.loaders import build
     from fastrefine.refinery import Refinery
-    from fastrefine.round import load_model_from_checkpoint
+    from fastrefine.checkpoint import load_model
     rounds = '\n[[rounds]]\nname = "r0"\nepochs = 5\n[[rounds]]\nname = "r1"\nepochs = 1\n'
     p = make_recipe(tmp_path, demo_tree, name="bnbatch", rounds=rounds, extra='[refinery]\nbn = "batch"')
     run_recipe(load_recipe(p))
     logged = [json.loads(x) for x in (tmp_path / "runs/bnbatch/r1/metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "refinery"][0]
     assert logged["shuffled_val"] is True
-    model, _ = load_model_from_checkpoint(tmp_path / "runs/bnbatch/r0/last.pt", device=torch.device("cpu"))
+    model, _ = load_model(tmp_path / "runs/bnbatch/r0/last.pt", device=torch.device("cpu"))
     ref = Refinery(model, bn="batch")
     kw = dict(data=demo_tree, backend="torch", split="val", batch_size=32, resolution=32, device=torch.device("cpu"),
               workers=0, val_crop_ratio=1.0, seed=3)

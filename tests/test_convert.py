@@ -356,18 +356,18 @@ def test_killed_shards_are_redone_and_only_they(tmp_path, fmnist):
     manifest = convert(src, out, formats=("dali",), splits=("train",), shard_size=4)
     dali = out / "dali"
     assert len(manifest["splits"]["train"]["dali"]["shards"]) == 8
-    # shard 2 "killed" before its record was written; shard 5's tar cut short; a leftover partial
+    # shard 2 "killed" before its record was written; shard 5's tar cut short; the temporary of a dead writer
     (dali / "train-00002.json").unlink()
     data = (dali / "train-00005.tar").read_bytes()
     (dali / "train-00005.tar").write_bytes(data[:1000])
-    (dali / "train-00006.tar.partial").write_bytes(b"half")
+    (dali / ".train-00006.tar.tmp-999999999").write_bytes(b"half")
     before = snapshot(out)
     again = convert(src, out, formats=("dali",), splits=("train",), shard_size=4)
     after = snapshot(out)
     changed = {k for k in after if before.get(k) != after[k]}
     assert {"dali/train-00002.tar", "dali/train-00002.json", "dali/train-00005.tar"} <= changed
     assert not any(k.startswith(("dali/train-00000", "dali/train-00007")) for k in changed)
-    assert "dali/train-00006.tar.partial" not in after
+    assert "dali/.train-00006.tar.tmp-999999999" not in after
     assert again["splits"] == manifest["splits"]
     samples = read_dali(*read_manifest(out).dali_shards("train"))
     assert len(samples) == 4 * PER_CLASS
@@ -380,12 +380,12 @@ def test_ffcv_only_resumes_per_split_file_and_force_redoes(tmp_path, fmnist):
     assert not (out / ".work").exists() and not (out / "dali").exists()
     assert "dali" not in manifest["splits"]["train"]
     (out / "val.beton").unlink()
-    (out / "val.beton.partial").write_bytes(b"killed")
+    (out / ".val.beton.tmp-999999999").write_bytes(b"killed")
     before = snapshot(out)
     convert(src, out, formats=("ffcv",), ffcv_mode="jpg")
     after = snapshot(out)
     assert after["train.beton"] == before["train.beton"]
-    assert "val.beton" in after and "val.beton.partial" not in after
+    assert "val.beton" in after and ".val.beton.tmp-999999999" not in after
     convert(src, out, formats=("ffcv",), ffcv_mode="jpg", force=True)
     assert snapshot(out)["train.beton"] != after["train.beton"]
 

@@ -50,7 +50,7 @@ def test_ema_is_evaluated_saved_and_refines_the_next_round(tmp_path, demo_tree):
     epochs = [m for m in epochs if m["kind"] == "epoch"]
     assert len(epochs) == 2 and all(0 <= m["ema_val_top1"] <= 1 and "val_top1" in m for m in epochs)
     last, ema = ckpt.load(run / "r0/last.pt"), ckpt.load(run / "r0/ema.pt")
-    assert set(ema) == {"model", "meta"} and ema["meta"]["weights"] == "ema"
+    assert set(ema) == {"format", "version", "model", "meta"} and ema["meta"].weights == "ema"
     for k, v in ema["model"].items():
         assert torch.equal(v, last["ema"][k]), k
     # the average is not the raw weights (it lags them)

@@ -14,7 +14,7 @@ from fastrefine.cli import app
 from fastrefine.inspect_crops import inspect_image, load_class_list
 from fastrefine.recipe import load_recipe
 from fastrefine.chain import run_recipe
-from fastrefine.round import load_model_from_checkpoint
+from fastrefine.checkpoint import load_model
 
 runner = CliRunner()
 
@@ -57,7 +57,7 @@ def dress(demo_tree) -> Path:
 
 def _direct_probs(checkpoint: Path, image: Path, box, resolution: int) -> torch.Tensor:
     """An independent path: PIL crop + resize, normalise by hand, forward the loaded model."""
-    model, _ = load_model_from_checkpoint(checkpoint, device=torch.device("cpu"))
+    model, _ = load_model(checkpoint, device=torch.device("cpu"))
     model.eval()
     left, top, w, h = box
     with Image.open(image) as im:

@@ -57,7 +57,7 @@ def test_eval_reproduces_the_recorded_val_top1(trained, demo_tree):
     assert last["loss"] == pytest.approx(done["val_loss"], rel=1e-5)
     assert last["settings"]["batch_size"] == 48 and last["settings"]["from"]["batch_size"] == "the checkpoint's run"
     best = _eval(str(trained / "best.pt"), str(demo_tree))
-    assert best["top1"] == pytest.approx(ckpt.load(trained / "best.pt")["meta"]["val_top1"], abs=1e-12)
+    assert best["top1"] == pytest.approx(ckpt.load(trained / "best.pt")["meta"].val_top1, abs=1e-12)
     # per-class: every class's 20 val images, and the hits add up to top-1
     per = last["per_class"]
     assert [c["images"] for c in per] == [20] * 10

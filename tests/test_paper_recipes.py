@@ -44,8 +44,7 @@ def standin_checkpoint(tmp_path_factory) -> Path:
     from fastrefine.models import create_model
     path = tmp_path_factory.mktemp("standin") / "refinery.pt"
     model = create_model("tiny_cnn", num_classes=1000)
-    ckpt.save_weights(path, model=model, meta={"model_name": "tiny_cnn", "model_options": {}, "num_classes": 1000,
-                                               "round": "standin", "epoch": 1, "val_top1": None})
+    ckpt.save_weights(path, model=model, meta=ckpt.Meta.of("tiny_cnn", num_classes=1000, round="standin", epoch=1))
     return path
 
 
@@ -53,7 +52,7 @@ def standin_checkpoint(tmp_path_factory) -> Path:
 def test_recipe_resolves_with_dry_run(name, standin_checkpoint):
     # a refinery checkpoint that does not exist is refused up front (exit 2, naming the key) ...
     sets = [f"rounds[{k}].refinery={json.dumps(str(standin_checkpoint))}"
-            for k, rd in enumerate(load_recipe(_path(name)).rounds) if (rd.refinery or "").endswith(".pt")]
+            for k, rd in enumerate(load_recipe(_path(name)).rounds) if rd.refinery.endswith(".pt")]
     if sets:
         res = runner.invoke(app, ["run", str(_path(name)), "--dry-run"])
         assert res.exit_code == 2 and "refinery" in res.output and "not found" in res.output, res.output
@@ -78,12 +77,12 @@ def test_darknet19_is_the_rapid_chain_its_header_describes():
     assert "ACCURACY NOT MEASURED" in text and "--estimate" in text and "rn50_32_epochs.yaml" in text
     assert "darknet19_paper.toml" in text
     r = load_recipe(_path("darknet19"))
-    assert [rd.epochs for rd in r.rounds] == [32, 32] and r.rounds[1].refinery == "previous"
+    assert [rd.epochs for rd in r.rounds] == [32, 32] and r.rounds[1].refinery == r.rounds[0].name  # "previous"
     p = r.loader.progressive
     assert (p.start, p.end, p.from_epoch, p.to_epoch) == (160, 192, 23, 27) and r.loader.val_resolution == 256
     assert r.loader.batch_size * 8 == 1024 and r.optim.lr_scaling == "linear"
-    from fastrefine.recipe import round_lr
-    assert round_lr(r, 0, world_size=8) == pytest.approx(0.4)     # 0.1 per 256, at a global batch of 1,024
+    from fastrefine.schedule import round_schedule
+    assert round_schedule(r, 0, world_size=8).peak == pytest.approx(0.4)     # 0.1 per 256, at a global batch of 1,024
     assert r.schedule.kind == "triangular" and r.schedule.peak_epoch == 2   # linear ramp, warm-up included
     assert [rd.label_smoothing for rd in r.rounds] == [0.1, 0.0]            # label smoothing on labels only
     paper = load_recipe(_path("darknet19_paper"))
@@ -99,7 +98,7 @@ def _overrides(recipe_name: str, demo: Path, out: Path, refinery: Path | None) -
             f"run.out={out}", "run.log_every=1"]
     for k, rd in enumerate(r.rounds):
         sets.append(f"rounds[{k}].epochs=1")
-        if (rd.refinery or "").endswith(".pt"):
+        if rd.refinery.endswith(".pt"):
             assert refinery is not None
             sets.append(f"rounds[{k}].refinery={json.dumps(str(refinery))}")
     return sets
@@ -151,5 +150,5 @@ def test_recipe_smoke(name, demo_tree, smoke_out, resnet50_refinery):
         expected = [ONLY[name]]
     assert [r["round"] for r in rows] == expected
     for row, rd in zip(rows, [r for r in recipe.rounds if r.name in expected]):
-        if (rd.refinery or "").endswith(".pt"):
+        if rd.refinery.endswith(".pt"):
             assert "resnet50" in row["refinery"]    # the stand-in ResNet-50 refined this round

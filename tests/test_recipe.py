@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fastrefine.recipe import (RecipeError, load_recipe, parse_override, recipe_from_dict, recipe_to_dict,
-                               round_refinery, to_toml)
+from fastrefine.recipe import RecipeError, load_recipe, parse_override, recipe_from_dict, recipe_to_dict, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,14 @@ def test_good_file_and_defaults(tmp_path):
     assert r.data.path == "data/x"
     assert r.loader.scale == (0.08, 1.0)
     assert [x.epochs for x in r.rounds] == [2, 3]
-    assert round_refinery(r, 0) == "none" and round_refinery(r, 1) == "r0"
+    # inheritance resolved at load: the rest of the code reads real values
+    assert [x.refinery for x in r.rounds] == ["none", "r0"]
+    assert [(x.model, x.model_options, x.lr) for x in r.rounds] == [("tiny_cnn", {}, 0.1)] * 2
+    assert (r.loader.val_batch_size, r.loader.val_resolution) == (r.loader.batch_size, r.loader.resolution)
+    p = load_recipe(write(tmp_path, BASE), ["optim.lr=0.3", "loader.progressive={start = 128, end = 192}",
+                                            "rounds[1].refinery=previous", "rounds[1].model_options={width = 2}"])
+    assert [x.lr for x in p.rounds] == [0.3, 0.3] and p.loader.val_resolution == 192
+    assert p.rounds[1].refinery == "r0" and [x.model_options for x in p.rounds] == [{}, {"width": 2}]
     assert r.refinery.loss == "soft_ce" and r.refinery.bn == "eval"
 
 
@@ -111,12 +117,16 @@ def test_shipped_recipes_load(path):
 
 
 def test_inherit_means_left_out_and_zero_means_zero(tmp_path):
-    from fastrefine.recipe import round_lr, round_seed
+    from fastrefine.recipe import round_seed
+    from fastrefine.schedule import round_schedule
+
+    def round_lr(r, i, *, world_size):
+        return round_schedule(r, i, world_size=world_size).peak
     text = BASE + '\n[[rounds]]\nname = "b"\nepochs = 1\nlr = 0.0\nseed_from = "' + "{first}" + '"\n'
     r0 = load_recipe(write(tmp_path, BASE))
     first = r0.rounds[0].name
     r = load_recipe(write(tmp_path, text.replace("{first}", first)))
-    assert r.rounds[0].lr is None and round_lr(r, 0, world_size=1) > 0   # left out: [optim].lr
+    assert r.rounds[0].lr == r.optim.lr and round_lr(r, 0, world_size=1) > 0   # left out: [optim].lr
     assert round_lr(r, len(r.rounds) - 1, world_size=1) == 0.0            # lr = 0 means zero
     assert round_seed(r, len(r.rounds) - 1) == round_seed(r, 0)          # seed_from: the same seed
     two = round_lr(r, 0, world_size=2)

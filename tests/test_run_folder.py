@@ -99,7 +99,7 @@ def _fill_save(path):
     """A checkpoint larger than the space left (about 1 MB of float32 weights)."""
     import torch
     from fastrefine import checkpoint as ckpt
-    ckpt.save_atomic({"model": {"w": torch.zeros(250_000)}, "meta": {}}, path)
+    ckpt.write(path, ckpt.weights_layout({"w": torch.zeros(250_000)}, ckpt.Meta.of("tiny_cnn", num_classes=1)))
 
 
 def test_a_real_full_disk_during_a_checkpoint_save_says_so_and_keeps_the_old_file(tmp_path):
@@ -116,7 +116,7 @@ def test_a_real_full_disk_during_a_checkpoint_save_says_so_and_keeps_the_old_fil
         pytest.skip("cannot mount a tmpfs here (needs root); the next test covers the same error chain")
     try:
         old = small / "last.pt"
-        ckpt.save_atomic({"model": {"w": torch.ones(4)}, "meta": {}}, old)
+        ckpt.write(old, ckpt.weights_layout({"w": torch.ones(4)}, ckpt.Meta.of("tiny_cnn", num_classes=1)))
         with pytest.raises(RunError, match=r"last.pt: no space left on device while writing it"):
             _fill_save(old)
         assert torch.equal(ckpt.load(old)["model"]["w"], torch.ones(4))     # the old file kept
@@ -130,7 +130,7 @@ def test_a_full_disk_inside_torch_save_is_found_in_the_error_chain(tmp_path, mon
     and torch.save turns it into its RuntimeError."""
     import builtins
     import errno as errno_mod
-    from fastrefine import checkpoint as ckpt
+    from fastrefine import atomic
     from fastrefine.errors import RunError
     real_open = builtins.open
 
@@ -156,7 +156,7 @@ def test_a_full_disk_inside_torch_save_is_found_in_the_error_chain(tmp_path, mon
     def small_disk_open(path, mode="r", *args, **kwargs):
         fh = real_open(path, mode, *args, **kwargs)
         return Full(fh) if ".tmp-" in str(path) and "w" in mode else fh
-    monkeypatch.setattr(ckpt, "open", small_disk_open, raising=False)
+    monkeypatch.setattr(atomic, "open", small_disk_open, raising=False)
     with pytest.raises(RunError, match=r"last.pt: no space left on device") as caught:
         _fill_save(tmp_path / "last.pt")
     assert not list(tmp_path.iterdir())

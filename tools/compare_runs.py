@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fastrefine.report import summary_markdown, summary_table
-from fastrefine.checkpoint import read_json_marker
+from fastrefine.atomic import read_json_marker
 from fastrefine.runlog import read_metrics
 
 

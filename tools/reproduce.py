@@ -157,8 +157,8 @@ def clean_top1(checkpoint: Path, data: Path, a) -> float:
     from fastrefine.engine import evaluate
     from fastrefine.loaders import build
     from fastrefine.precision import resolve_precision
-    from fastrefine.round import load_model_from_checkpoint
-    model, _ = load_model_from_checkpoint(checkpoint, device=torch.device("cpu"))
+    from fastrefine.checkpoint import load_model
+    model, _ = load_model(checkpoint, device=torch.device("cpu"))
     loader = build(data=data, backend="torch", split="val", batch_size=500, resolution=a.resolution,
                    device=torch.device("cpu"), workers=a.workers, val_crop_ratio=1.0)
     p = resolve_precision("bf16", torch.device("cpu"))

@@ -101,7 +101,7 @@ def measure_crops(a, k: int, seed: int = 0, limit: int = 2000, scale: tuple[floa
     from fastrefine.loaders.crop_sampler import train_crops
     from fastrefine.loaders.torch import _Samples
     from fastrefine.recipe import round_seed
-    from fastrefine.round import load_model_from_checkpoint
+    from fastrefine.checkpoint import load_model
 
     data = a.data_root / f"scenes-k{k}{a.data_suffix}"
     manifest = json.loads((data / "scenes.json").read_text())
@@ -111,7 +111,7 @@ def measure_crops(a, k: int, seed: int = 0, limit: int = 2000, scale: tuple[floa
                device=torch.device("cpu"), workers=0, seed=round_seed(rec, 0), scale=scale or rec.loader.scale,
                ratio=rec.loader.ratio, flip=rec.loader.flip)
     ckpt = a.out / f"scenes-k{k}-s{seed}" / "labels" / "last.pt"
-    model = load_model_from_checkpoint(ckpt, device=torch.device("cpu"))[0].eval() if ckpt.is_file() else None
+    model = load_model(ckpt, device=torch.device("cpu"))[0].eval() if ckpt.is_file() else None
     ds = _Samples(ld.table, ld.opts, decode_here=True)
     ds.epoch = 0
     half = label_names_dominant = ref_names_dominant = ref_names_label = empty = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -44,7 +43,7 @@ def make_bench_step(recipe, *, num_classes: int, device: torch.device, index: in
     from ..precision import resolve_precision
     from ..round import RoundEnv, ThreadPlan, build_round
     env = RoundEnv(recipe=recipe, dist=Dist(), device=device, precision=resolve_precision(recipe.run.precision, device),
-                   run_dir=Path("/nonexistent/fastrefine-bench"), num_classes=num_classes, class_names=[],
+                   run_dir=None, num_classes=num_classes, class_names=[],
                    threads=ThreadPlan(0, None, "bench step: torch threads untouched"))
     index = len(recipe.rounds) - 1 if index is None else index
     return build_round(env, index, untrained_refinery_ok=True, loaders=False), env

@@ -30,7 +30,7 @@ def _epoch_case(parts, *, epoch: int, steps: int) -> dict:
     loader.set_epoch(epoch)
     res = train_epoch(loader, step=parts.step, optimizer=parts.optimizer, lr_fn=lambda e: parts.lr, epoch=epoch,
                       steps_per_epoch=max(1, len(loader)), max_steps=steps, log_every=1 << 30)
-    return {"images": res.images, "seconds": res.seconds, "threads": torch.get_num_threads()}
+    return {"images": res.images, "seconds": res.seconds, "threads": res.torch_threads}
 
 
 def _baseline_case(it, step, *, steps: int, sync) -> dict:

@@ -37,7 +37,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
-from ..checkpoint import clean_stale_temporaries, read_json_marker, write_text
+from ..atomic import clean_stale_temporaries, read_json_marker, write_text
 from ..progress import RateColumn
 from ..errors import RunError, UsageError
 from ..manifest import FILES_KEY, MANIFEST_NAME, MANIFEST_VERSION, file_digest
@@ -46,7 +46,7 @@ from .imaging import Cleaned, clean_many
 from .lock import LOCK_NAME, out_lock
 from .options import ConvertOptions
 from .scan import SourceScan, SplitScan, scan_source
-from .shards import (PARTIAL, ShardPlan, fingerprint, load_complete_record, plan_shards, remove_stale, write_shard,
+from .shards import (ShardPlan, fingerprint, load_complete_record, plan_shards, remove_stale, write_shard,
                      write_sizes)
 
 SHUFFLE_SEED = 0
@@ -95,8 +95,6 @@ def convert(*, src: Path, out: Path, layout: str, options: ConvertOptions, conso
         old_manifest = _guard_out(out=out, source=scan.source)      # again, now that no one else writes
         for folder in (out, out / DALI_DIR, out / WORK):
             clean_stale_temporaries(folder)
-        for split in opts.splits:
-            (out / f"{split}.beton{PARTIAL}").unlink(missing_ok=True)   # an older version's temporary
         if not (out / MARKER).is_file():
             write_text(out / MARKER, json.dumps({"source": str(scan.source)}) + "\n")
         settings = {"layout": layout, "max_side": opts.max_side, "quality": opts.quality,

@@ -17,7 +17,7 @@ A `jpg` record is the cleaned JPEG's bytes as they are in the shard; a `raw` rec
 by `ffcv.libffcv.imdecode`, the very call FFCV's decoders make for a `jpg` record, so both kinds decode to
 the same pixels, byte for byte, and so does the shard's JPEG decoded by FFCV. Raw records are decoded by
 a few threads (the C call releases the GIL); everything else is a copy. One process writes the file,
-through `fastrefine.checkpoint.atomic_write` (a temporary renamed into place when whole): there are no
+through `fastrefine.atomic.atomic_write` (a temporary renamed into place when whole): there are no
 writer processes to wait for, and a full disk is a RunError naming the file.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..errors import RunError
 
 _MIN_PAGE = 1 << 23       # 8 MiB, FFCV's DatasetWriter default

@@ -1,6 +1,6 @@
 """Webdataset tar shards with DALI's index, and the small JSON record that proves a shard complete.
 
-A shard `{split}-{k:05d}` is three files, each written atomically (`fastrefine.checkpoint.atomic_write`:
+A shard `{split}-{k:05d}` is three files, each written atomically (`fastrefine.atomic.atomic_write`:
 a temporary beside it, renamed when whole):
 
 * `.tar`  plain ustar archive; per sample `{key}.jpg` (JPEG bytes) then `{key}.cls` (label, ASCII digits);
@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..checkpoint import atomic_write, write_text
+from ..atomic import atomic_write, write_text
 from ..manifest import file_digest
 from .imaging import Cleaned
 from .scan import Candidate
 
 INDEX_VERSION = "v1.2"
-PARTIAL = ".partial"          # the temporary suffix of older versions; leftovers are deleted
 RECORD_VERSION = 2
 
 
@@ -175,7 +174,7 @@ def load_complete_record(*, plan: ShardPlan, folder: Path) -> dict[str, Any] | N
 
 
 def remove_stale(*, folder: Path, split: str, keep: int) -> None:
-    """Delete this split's `.partial` leftovers and shards numbered `keep` or higher (ours by name only)."""
+    """Delete this split's shards numbered `keep` or higher (ours by name only)."""
     if not folder.is_dir():
         return
     prefix = f"{split}-"
@@ -186,5 +185,5 @@ def remove_stale(*, folder: Path, split: str, keep: int) -> None:
         stem = name[len(prefix):].split(".", 1)
         if len(stem) != 2 or not stem[0].isdigit() or len(stem[0]) != 5:
             continue
-        if name.endswith(PARTIAL) or int(stem[0]) >= keep:
+        if int(stem[0]) >= keep:
             os.unlink(entry.path)
