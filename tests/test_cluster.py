@@ -147,16 +147,16 @@ def test_checkpoint_every_steps_writes_mid_epoch_states(tmp_path, demo_tree, mon
     from fastrefine.chain import run_recipe
     from fastrefine.recipe import load_recipe
     from fastrefine import checkpoint as ckpt
-    import fastrefine.round as round_mod
+    from fastrefine.saver import Saver
     saves = []
-    real = round_mod._save
+    real = Saver.save
 
-    def spy(*args, **kwargs):
+    def spy(self, **kwargs):
         saves.append((kwargs["epoch"], kwargs.get("epoch_step", 0)))
-        return real(*args, **kwargs)
+        return real(self, **kwargs)
     r = load_recipe(write_recipe(tmp_path, demo_tree, name="every", rounds=PREEMPT_ROUNDS,
                                  run={"checkpoint_every_steps": 5}))
-    monkeypatch.setattr(round_mod, "_save", spy)
+    monkeypatch.setattr(Saver, "save", spy)
     run_recipe(r)
     # 12 steps per epoch: global steps 5, 10 | 15, 20 inside the epochs, and each epoch's end
     assert saves == [(0, 5), (0, 10), (1, 0), (1, 3), (1, 8), (2, 0)]
