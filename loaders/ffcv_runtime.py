@@ -34,6 +34,49 @@ def import_ffcv() -> None:
         import ffcv.fields.rgb_image  # noqa: F401
         import ffcv.libffcv  # noqa: F401
         import ffcv.loader  # noqa: F401
+    _fix_state_types()
+
+
+def _fix_state_types() -> None:
+    """FFCV 1.0.2's memory managers build their state types as `t = nb.uint8[::1]; t.mutable = False`:
+    `nb.uint8[::1]` is numba's one interned type of every writable C-contiguous uint8 vector, so each
+    call made that shared type read-only in place and changed its hash under every dict that already
+    held it as a key. The symptom: numba's finalizer of a dispatcher freed between rounds printed
+    `Exception ignored ... KeyError: (Array(uint8, 1, 'C', True, aligned=True), ...)` (its `overloads`
+    could no longer find its own keys). The same types, made as read-only copies instead; a no-op
+    once applied or when FFCV no longer mutates them."""
+    import numba as nb
+    from ffcv.memory_managers.os_cache import OSCacheManager
+    from ffcv.memory_managers.process_cache.manager import ProcessCacheManager
+    if getattr(OSCacheManager, "_fastrefine_state_type", False):
+        return
+
+    def readonly(t):
+        return t.copy(readonly=True)
+
+    def os_cache_state_type(self):
+        # FFCV's intent: the data read-only, the two index vectors as they are (its second
+        # `t1.mutable = False` was meant for t2, which it never changed)
+        return nb.types.Tuple([readonly(nb.uint8[::1]), nb.uint64[::1], nb.uint64[::1]])
+
+    def process_cache_state_type(self):
+        return nb.types.Tuple([readonly(nb.uint8[:, ::1]), readonly(nb.uint64[::1]), readonly(nb.uint64[::1]),
+                               readonly(nb.uint32[::1])])
+
+    def os_cache_compile_reader(self):
+        # FFCV's reader (a sample's bytes: a slice of the read-only memory map), typed with the read-only
+        # copy where FFCV named the type it had made read-only in place
+        from ffcv.pipeline.compiler import Compiler
+
+        def read(address, mem_state):
+            size = mem_state[2][np.searchsorted(mem_state[1], address)]
+            return mem_state[0][address:address + size]
+        return Compiler.compile(read, readonly(nb.uint8[::1])(nb.uint64, self.state_type))
+
+    OSCacheManager.state_type = property(os_cache_state_type)
+    OSCacheManager.compile_reader = os_cache_compile_reader
+    ProcessCacheManager.state_type = property(process_cache_state_type)
+    OSCacheManager._fastrefine_state_type = True
 
 
 def params_query():
