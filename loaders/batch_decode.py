@@ -46,8 +46,8 @@ def device_decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch
     calls this from its decode thread, on a stream of its own, where the wait costs the training nothing.
     """
     ImageReadMode, _, decode_jpeg = _decode_jpeg()
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+    if device.type == "cuda":  # an event wait, not Stream.synchronize: sync debug mode "error" allows it
+        torch.cuda.current_stream(device).record_event().synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 marks its image decoders deprecated (in favour of TorchCodec) on every call
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -87,7 +87,7 @@ def decode_batch(blobs: list[torch.Tensor], device: torch.device, where=None) ->
     for i, b in enumerate(blobs):
         if out[i] is None:
             try:
-                out[i] = host_decode(b).to(device)
+                out[i] = host_to(host_decode(b), device)
             except RuntimeError as e:
                 name = where(i) if where else f"image {i} of the batch"
                 raise RunError(f"{name}: decode failed ({str(e).splitlines()[0]})") from None
