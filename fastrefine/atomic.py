@@ -28,6 +28,13 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def temporary_of(name: str) -> str | None:
+    """The file name that a temporary named `name` (atomic_write's `.NAME.tmp-PID`) was written for, or
+    None when `name` is not such a temporary."""
+    m = _TMP.match(name)
+    return m.group("name") if m else None
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = True) -> None:
     """Write `path` atomically: `write(fh)` fills a temporary beside it, which replaces `path` once
     flushed to disk. On any error the temporary is removed and the old `path` is left as it was; a

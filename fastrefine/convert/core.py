@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import time
 from collections import Counter, deque
@@ -37,7 +36,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
-from ..atomic import clean_stale_temporaries, read_json_marker, write_text
+from ..atomic import clean_stale_temporaries, read_json_marker, temporary_of, write_text
 from ..progress import RateColumn
 from ..errors import RunError, UsageError
 from ..manifest import FILES_KEY, MANIFEST_NAME, MANIFEST_VERSION, file_digest
@@ -126,10 +125,11 @@ def _refuse_out_inside_src(*, out: Path, src: Path) -> None:
                          f"outside it")
 
 
-# A temporary of the marker or the manifest (`atomic_write`'s `.NAME.tmp-PID`): what a convert killed while
-# writing its marker leaves beside the lock. It does not make OUT foreign; a dead process's is removed
-# under the lock, a live one's belongs to a convert that holds the lock.
-_OWN_TEMPORARY = re.compile(rf"^\.({re.escape(MARKER)}|{re.escape(MANIFEST_NAME)})\.tmp-\d+$")
+def _own_temporary(name: str) -> bool:
+    """A temporary of the marker or the manifest: what a convert killed while writing its marker leaves
+    beside the lock. It does not make OUT foreign; a dead process's is removed under the lock, a live
+    one's belongs to a convert that holds the lock."""
+    return temporary_of(name) in (MARKER, MANIFEST_NAME)
 
 
 def _guard_out(*, out: Path, source: Path) -> dict | None:
@@ -150,7 +150,7 @@ def _guard_out(*, out: Path, source: Path) -> dict | None:
             if other != str(source):
                 raise UsageError(f"{out}: holds a conversion of {other}, not {source}; "
                                  f"choose another OUT or delete that one")
-    if not found and any(p.name != LOCK_NAME and not _OWN_TEMPORARY.match(p.name) for p in out.iterdir()):
+    if not found and any(p.name != LOCK_NAME and not _own_temporary(p.name) for p in out.iterdir()):
         raise UsageError(f"{out}: not empty and holds no fastrefine conversion; choose an empty folder")
     return found.get(MANIFEST_NAME)
 
