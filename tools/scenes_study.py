@@ -215,6 +215,11 @@ def tables(a, res: dict, measures: dict) -> str:
             d = [rows[s]["refined"]["val_top1"] - rows[s]["refined-image"]["val_top1"] for s in both]
             out += ["", f"Crop view minus image view (paired, seeds {both}): {ms(d)} points "
                     f"(per seed {', '.join(f'{100 * x:+.2f}' for x in d)})."]
+        adv = [s for s in seeds if "refined-adv" in rows[s]]
+        if adv:
+            d = [rows[s]["refined-adv"]["val_top1"] - rows[s]["refined"]["val_top1"] for s in adv]
+            out += ["", f"Jittering on minus off (paired, seeds {adv}): {ms(d)} points "
+                    f"(per seed {', '.join(f'{100 * x:+.2f}' for x in d)})."]
         out.append("")
     if measures:
         out += ["**Crops** (epoch-0 training crops of 2,000 scenes at the recipe's scale; refinery: the labels "
@@ -225,6 +230,8 @@ def tables(a, res: dict, measures: dict) -> str:
         for m in measures.values():
             k = m["k"]
             p = lambda key: f"{100 * m[key]:.1f}" if key in m else "-"  # noqa: E731
+            if not m.get("mismatched_crops"):    # K = 1: a crop's object is always the labelled one
+                m = {key: v for key, v in m.items() if key != "refinery_names_dominant_where_label_is_not"}
             out.append(f"| {k} | {m['scale']} | {p('below_half_of_labelled')} | {p('no_object')} | "
                        f"{p('label_is_dominant')} | {p('refinery_names_dominant')} | "
                        f"{p('refinery_names_dominant_where_label_is_not')} | {p('refinery_names_label')} |")
@@ -304,11 +311,16 @@ def main(argv: list[str] | None = None) -> int:
             for s in a.seeds:
                 train_one(a, k, s, a.main_parts if k == a.objects[0] else a.other_parts)
     measures = {}
+    stored = a.out / "crops.json"            # the last measurement, kept apart (measuring takes minutes)
+    if not a.measure and stored.is_file():
+        measures = json.loads(stored.read_text())
     if a.measure:
         for k in a.objects:
             for sc in [None] + [tuple(float(x) for x in t.split(",")) for t in a.measure_scales]:
                 m = measure_crops(a, k, scale=sc)
                 measures[f"{k} {m['scale']}"] = m
+        a.out.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps(measures, indent=1))
     res = collect(a)
     text = tables(a, res, measures)
     a.out.mkdir(parents=True, exist_ok=True)
