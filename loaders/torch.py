@@ -69,6 +69,10 @@ class _Samples(Dataset):
     def epoch(self) -> int:
         return int(self._state[0])
 
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._state[0] = int(value)
+
     def _current_opts(self) -> LoaderOptions:
         """The options at the resolution set for this epoch (this process's copy follows the shared one)."""
         r = int(self._state[1])
