@@ -102,21 +102,23 @@ def same_weights(a: Path, b: Path) -> None:
 PREEMPT_ROUNDS = '[[rounds]]\nname = "r0"\nepochs = 2\n'
 
 
-@pytest.mark.parametrize("backend,signum", [("torch", signal.SIGTERM), ("dali", signal.SIGUSR1)])
+@pytest.mark.parametrize("backend,signum", [("torch", signal.SIGTERM), ("dali", signal.SIGUSR1),
+                                            pytest.param("ffcv", signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_stop_signal_mid_epoch_saves_that_step_and_the_resume_matches_an_uninterrupted_run(
         tmp_path, demo_tree, monkeypatch, backend, signum):
     """SIGTERM (or SIGUSR1) in the middle of epoch 2: the step finishes, last.pt holds that step, the run
     ends with Preempted (exit 143); the rerun skips the consumed batches and ends with the same weights,
-    and the same log, as a run that never stopped."""
+    and the same log, as a run that never stopped. FFCV has no start_at: the engine reads and drops the
+    consumed batches, exact because its order and crops depend on (seed, epoch, index) only."""
     from fastrefine.chain import run_recipe
     from fastrefine.preempt import Preempted
     from fastrefine.recipe import load_recipe
     from fastrefine import checkpoint as ckpt
-    if backend == "dali":
-        pytest.importorskip("nvidia.dali")
+    if backend in ("dali", "ffcv"):
+        pytest.importorskip("nvidia.dali" if backend == "dali" else "ffcv")
         from helpers import convert_in_child
         data = tmp_path / "fast"
-        convert_in_child(demo_tree, data, formats=("dali",), max_side=32, workers=1, progress=False)
+        convert_in_child(demo_tree, data, formats=(backend,), max_side=32, workers=1, progress=False)
     else:
         data = demo_tree
     sets = [f"loader.backend={backend!r}"]
