@@ -113,7 +113,7 @@ def measure_crops(a, k: int, seed: int = 0, limit: int = 2000, scale: tuple[floa
     ckpt = a.out / f"scenes-k{k}-s{seed}" / "labels" / "last.pt"
     model = load_model(ckpt, device=torch.device("cpu"))[0].eval() if ckpt.is_file() else None
     ds = _Samples(ld.table, ld.opts, decode_here=True)
-    ds.epoch = 0
+    ds.set_epoch(0, ld.opts.resolution)
     half = label_names_dominant = ref_names_dominant = ref_names_label = empty = 0
     n = min(limit, len(ld.table))
     batch, dominant, labels = [], [], []
