@@ -373,7 +373,18 @@ def restore(parts: RoundParts, env: RoundEnv, state: dict) -> tuple[int, float |
 # -------------------------------------------------------------------------------------------- run
 
 def run_round(env: RoundEnv, index: int) -> dict:
-    """Train round `index` (resuming from its last.pt), evaluate, checkpoint every epoch; its summary."""
+    """Train round `index` (resuming from its last.pt), evaluate, checkpoint every epoch; its summary.
+    The round's loaders are closed however it ends: persistent DataLoader workers ignore SIGTERM (so that
+    a preempted step can finish), and a worker nobody shut down would hold the process at exit."""
+    built: list[RoundParts] = []
+    try:
+        return _run_round(env, index, built)
+    finally:
+        for parts in built:
+            parts.close()
+
+
+def _run_round(env: RoundEnv, index: int, built: list) -> dict:
     r, rd = env.recipe, env.recipe.rounds[index]
     rdir, main = env.run_dir / rd.name, env.dist.is_main
     if main:
@@ -383,6 +394,7 @@ def run_round(env: RoundEnv, index: int) -> dict:
     start_epoch = state["epoch"] if state else 0
     compiled_before = compile_counters() if r.run.compile else {}
     parts = build_round(env, index, start_epoch=start_epoch)
+    built.append(parts)
     best, global_step, start_step, carry = None, 0, 0, None
     if state:
         start_epoch, best, global_step = restore(parts, env, state)
@@ -500,7 +512,6 @@ def run_round(env: RoundEnv, index: int) -> dict:
             saver.finish()
             _finish(env, parts, rdir, summary)
     env.dist.barrier()
-    parts.close()
     return summary
 
 
