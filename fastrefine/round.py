@@ -9,7 +9,6 @@ runs/<run.name>/<round>/  recipe.toml, run.json, metrics.jsonl, last.pt, best.pt
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -426,9 +425,7 @@ def _run_round(env: RoundEnv, index: int, built: list) -> dict:
     bar = run_progress(enabled=main and r.run.progress, console=env.console)
     if isinstance(bar, PlainProgress):
         metrics.mirrors.append(bar.step_record)  # a line per log_every steps
-    # the loaders are closed however the round ends (persistent DataLoader workers would otherwise keep
-    # the process from exiting after a stop signal or an error)
-    with contextlib.closing(parts), Saver(rdir, dist=env.dist, best_top1=best) as saver, metrics, bar:
+    with Saver(rdir, dist=env.dist, best_top1=best) as saver, metrics, bar:
         for epoch in range(start_epoch, rd.epochs):
             res = train_resolution(r, epoch)
             parts.train_loader.set_epoch(epoch)
