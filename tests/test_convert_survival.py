@@ -85,8 +85,9 @@ def test_every_output_file_is_recorded_and_damage_is_caught(tmp_path, pictures):
     manifest = convert(src, out, ffcv_mode="jpg")
     files = manifest["files"]
     dali = manifest["splits"]["train"]["dali"]
-    assert set(files) == {"train.beton", "val.beton", *dali["shards"], *dali["index"],
-                          *manifest["splits"]["val"]["dali"]["shards"], *manifest["splits"]["val"]["dali"]["index"]}
+    val_dali = manifest["splits"]["val"]["dali"]
+    assert set(files) == {"train.beton", "val.beton", *dali["shards"], *dali["index"], dali["sizes"],
+                          *val_dali["shards"], *val_dali["index"], val_dali["sizes"]}
     for rel, want in files.items():
         assert file_digest(out / rel) == want
         check_recorded_file(out, out / rel)                       # intact: no error
