@@ -51,12 +51,16 @@ def test_metrics_log_hands_every_record_to_its_mirrors(tmp_path):
     assert seen == read_metrics(tmp_path / "m.jsonl")
 
 
-@pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed here: the missing-package error cannot occur")
+# Runs `python -m fastrefine` in a process where importing tensorboard fails, installed or not.
+WITHOUT_TENSORBOARD = ("import runpy, sys; sys.modules['tensorboard'] = None; "
+                       "runpy.run_module('fastrefine', run_name='__main__', alter_sys=True)")
+
+
 def test_missing_tensorboard_is_one_line_exit_2(tmp_path, demo_tree):
     p = write_recipe(tmp_path, demo_tree, name="tb", run={"tensorboard": True},
                      rounds='[[rounds]]\nname = "r0"\nepochs = 1\n')
-    res = subprocess.run([sys.executable, "-m", "fastrefine", "run", str(p)], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-c", WITHOUT_TENSORBOARD, "run", str(p)], capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines == [f"error: run.tensorboard = true needs the tensorboard package, which is not installed: {INSTALL}, "
