@@ -37,9 +37,12 @@ def _pytest(out: Path, name: str) -> str:
     line = f"{n - fail - err - skip} passed, {fail} failed, {err} errors, {skip} skipped"
     reasons: dict[str, int] = {}
     for s in suite.iter("skipped"):
-        why = s.get("message", "").split("Skipped: ", 1)[-1][:60]
+        why = s.get("message", "")
+        if why == "collection skipped" and s.text:    # a module skipped whole: its reason is in the text
+            why = s.text.split("Skipped: ", 1)[-1].rstrip("')\"")
+        why = why.split("Skipped: ", 1)[-1][:80]
         reasons[why] = reasons.get(why, 0) + 1
-    return line + "".join(f"\n      {n} skipped: {why}" for why, n in sorted(reasons.items())[:4])
+    return line + "".join(f"\n      {n} skipped: {why}" for why, n in sorted(reasons.items())[:6])
 
 
 def _step(rec: dict) -> list[str]:
