@@ -235,8 +235,7 @@ def test_export_pt2_of_darknet19_runs_without_fastrefine(tmp_path):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 2.0)
     path = tmp_path / "darknet19.pt"
-    ckpt.save_weights(path, model=model, meta={"model_name": "darknet19", "model_options": {}, "num_classes": 10,
-                                               "round": "r", "epoch": 1, "val_top1": None})
+    ckpt.save_weights(path, model=model, meta=ckpt.Meta.of("darknet19", num_classes=10, round="r", epoch=1))
     res = runner.invoke(app, ["export", str(path), str(tmp_path / "d.pt2"), "--resolution", "64"])
     assert res.exit_code == 0, res.output
     images = torch.randn(3, 3, 64, 64)
