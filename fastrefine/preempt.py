@@ -105,9 +105,18 @@ class StopVote:
         return earlier or bool(flag.item())
 
 
+WORKER_STOP_GRACE_S = 60   # how long a loader worker outlives a stop signal at most
+
+
+def _stop_after_grace(signum, frame) -> None:
+    signal.alarm(WORKER_STOP_GRACE_S)   # SIGALRM's default action ends the worker then, at the latest
+
+
 def ignore_stop_signals(*_) -> None:
     """A loader worker's start (DataLoader worker_init_fn): SIGTERM and SIGUSR1 sent to the whole process
     group (a scheduler, a shell's kill of the job) leave the workers running, so the main process can
-    finish its step and save; the workers end with it."""
+    finish its step and save; the main process then shuts them down (loader.close). A worker ends
+    WORKER_STOP_GRACE_S after the first stop signal all the same, so one whose main process never shuts
+    it down (multiprocessing's exit handler terminates and then joins its children) cannot hang that exit."""
     for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, _stop_after_grace)

@@ -26,9 +26,11 @@ permutation of all images per (seed, epoch), rank r taking r, r+W, ... (`samples
 
 from __future__ import annotations
 
+import atexit
 import functools
 import io
 import math
+import weakref
 from pathlib import Path
 
 import torch
@@ -156,6 +158,12 @@ class _EpochBatches:
         return len(self.loader)
 
 
+def _close_if_alive(ref: "weakref.ref[TorchLoader]") -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 class TorchLoader(LoaderBase):
     """BatchLoader over a torch DataLoader. Keyword option: `decode` ("auto" | "host" | "device")."""
 
@@ -176,6 +184,7 @@ class TorchLoader(LoaderBase):
         self._start = self._skip = 0
         self._scale, self._shift = opts.normalization.scale_shift_tensors(opts.device)
         self._dl: DataLoader | None = None
+        self._close_at_exit = None     # set while persistent workers run: close() at the interpreter's exit
 
     @property
     def num_samples(self) -> int:
@@ -190,6 +199,9 @@ class TorchLoader(LoaderBase):
         self._start = batch
 
     def close(self) -> None:
+        if self._close_at_exit is not None:
+            atexit.unregister(self._close_at_exit)
+            self._close_at_exit = None
         dl, self._dl = self._dl, None
         it = getattr(dl, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
@@ -205,6 +217,11 @@ class TorchLoader(LoaderBase):
                                   pin_memory=o.device.type == "cuda", collate_fn=None if host else _collate_packed,
                                   persistent_workers=o.workers > 0, prefetch_factor=4 if o.workers > 0 else None,
                                   worker_init_fn=ignore_stop_signals if o.workers > 0 else None)
+            if o.workers > 0:
+                # A loader nobody closed shuts its workers down at exit, before multiprocessing's own exit
+                # handler (registered earlier, so run later) terminates them: they wait out stop signals.
+                self._close_at_exit = functools.partial(_close_if_alive, weakref.ref(self))
+                atexit.register(self._close_at_exit)
         return self._dl
 
     def __iter__(self):

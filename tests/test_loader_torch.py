@@ -286,3 +286,55 @@ def test_workers_hand_over_one_packed_tensor_per_batch():
     assert packed.dtype == torch.uint8 and packed.numel() == 5 + 4 + 3
     assert offsets.tolist() == [0, 5, 9, 12] and labels.tolist() == [3, 1, 2] and index.tolist() == [10, 11, 12]
     assert [bytes(b.numpy()) for b in unpack(packed, offsets)] == [it[0] for it in items]
+
+
+EXIT_WITHOUT_CLOSE = """
+import sys, torch
+from fastrefine.loaders import build
+ld = build(data=sys.argv[1], backend="torch", split="train", batch_size=8, resolution=16,
+           device=torch.device("cpu"), workers=2)
+next(iter(ld))
+print("ok", flush=True)
+"""
+
+
+def test_a_loader_nobody_closed_does_not_hang_the_interpreters_exit(dataset):
+    """Persistent workers wait out stop signals (a preempted run finishes its step with them); a process
+    that ends without closing its loader must still exit: the loader closes itself at exit."""
+    import subprocess
+    import sys
+    conv, _ = dataset
+    res = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSE, str(conv)], capture_output=True, text=True,
+                         timeout=45)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_a_worker_ends_a_grace_period_after_a_stop_signal(monkeypatch):
+    """A worker (ignore_stop_signals as its init) outlives SIGTERM by WORKER_STOP_GRACE_S, not for ever."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    import fastrefine.preempt as preempt
+    monkeypatch.setattr(preempt, "WORKER_STOP_GRACE_S", 1)
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    p = ctx.Process(target=_serve_forever, args=(ready,), daemon=True)
+    p.start()
+    assert ready.wait(20)
+    os.kill(p.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert p.is_alive()                         # the stop signal alone does not end it
+    p.join(10)
+    assert not p.is_alive() and p.exitcode == -signal.SIGALRM
+
+
+def _serve_forever(ready) -> None:
+    import time
+
+    from fastrefine.preempt import ignore_stop_signals
+    ignore_stop_signals(0)
+    ready.set()
+    while True:
+        time.sleep(0.1)
