@@ -78,14 +78,19 @@ class StopVote:
     def _local(self) -> torch.Tensor:
         return torch.tensor([1 if self.signals.signum is not None else 0], dtype=torch.int32)
 
+    def _drain(self) -> bool:
+        """Wait for the vote in flight, if any: True when some rank had asked to stop by then."""
+        if self._pending is None:
+            return False
+        self._pending.wait()
+        self._pending = None
+        return bool(self._flag.item())  # a CPU tensor: no device sync
+
     def poll(self) -> bool:
         if not self.enabled:
             return self.signals.signum is not None
         import torch.distributed as dist
-        agreed = False
-        if self._pending is not None:
-            self._pending.wait()
-            agreed = bool(self._flag.item())  # a CPU tensor: no device sync
+        agreed = self._drain()
         self._flag = self._local()
         self._pending = dist.all_reduce(self._flag, group=self.group, async_op=True)
         return agreed
@@ -95,11 +100,7 @@ class StopVote:
         if not self.enabled:
             return self.signals.signum is not None
         import torch.distributed as dist
-        earlier = False
-        if self._pending is not None:
-            self._pending.wait()
-            earlier = bool(self._flag.item())
-            self._pending = None
+        earlier = self._drain()
         flag = self._local()
         dist.all_reduce(flag, group=self.group)
         return earlier or bool(flag.item())

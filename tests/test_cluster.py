@@ -41,6 +41,24 @@ def worker_of_rank(agent: int, rank: int) -> int | None:
     return None
 
 
+def signal_rank_when(agent: subprocess.Popen, ready, signum: int, *, timeout: float, missing: str,
+                     rank: int = 1) -> str:
+    """Once `ready()` holds (or the agent ended, or 120 s passed), send `signum` to the worker of `rank`;
+    returns the agent's stderr once it ends (killed after `timeout` s)."""
+    try:
+        deadline = time.monotonic() + 120
+        while not ready() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victim = worker_of_rank(agent.pid, rank)
+        assert victim is not None, missing
+        os.kill(victim, signum)
+        return agent.communicate(timeout=timeout)[1]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+
+
 def epochs_logged(metrics: Path) -> list[int]:
     return [json.loads(x)["epoch"] for x in metrics.read_text().splitlines() if json.loads(x)["kind"] == "epoch"]
 
@@ -56,18 +74,8 @@ def test_elastic_restart_after_a_killed_worker_resumes_and_finishes(tmp_path, de
     agent = subprocess.Popen(torchrun("--max-restarts=1", "-m", "fastrefine", "--quiet", "run", str(p)),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     last = tmp_path / "runs/elastic/r0/last.pt"
-    try:
-        deadline = time.monotonic() + 120
-        while not last.exists() and agent.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        victim = worker_of_rank(agent.pid, 1)
-        assert victim is not None, "no worker of rank 1 to kill (the run ended before its first checkpoint?)"
-        os.kill(victim, signal.SIGKILL)
-        out, err = agent.communicate(timeout=180)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.communicate()
+    err = signal_rank_when(agent, last.exists, signal.SIGKILL, timeout=180,
+                           missing="no worker of rank 1 to kill (the run ended before its first checkpoint?)")
     assert agent.returncode == 0, err[-3000:]
     assert "exitcode: -9" in err  # torchrun saw the kill
     run = json.loads((tmp_path / "runs/elastic/r0/run.json").read_text())
@@ -176,19 +184,8 @@ def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path, demo_tr
     metrics = tmp_path / "runs/pre/r0/metrics.jsonl"
     agent = subprocess.Popen(torchrun("--max-restarts=0", "-m", "fastrefine", "run", str(p)),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while (not metrics.exists() or '"kind": "step"' not in metrics.read_text()) and agent.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
-        victim = worker_of_rank(agent.pid, 1)
-        assert victim is not None, "the run ended before its first step record"
-        os.kill(victim, signal.SIGTERM)
-        out, err = agent.communicate(timeout=120)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.communicate()
+    err = signal_rank_when(agent, lambda: metrics.exists() and '"kind": "step"' in metrics.read_text(),
+                           signal.SIGTERM, timeout=120, missing="the run ended before its first step record")
     assert "exitcode  : 143" in err or "exitcode: 143" in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if "stopped by" in ln]
     assert len(lines) == 2, err[-3000:]                       # one line per rank, the same step
