@@ -39,12 +39,40 @@ from fastrefine.chain import run_recipe
 from fastrefine.recipe import recipe_from_dict
 
 
-def recipe(a, *, k: int, seed: int, suffix: str = "") -> dict:
+DEFAULT_SCALE = (0.08, 1.0)
+DEFAULT_EPOCHS = 8
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def tag(a, scale: tuple[float, float] | None = None) -> str:
+    """What a run's name says of its regime beyond K and seed: empty for the recipe's own settings, so the
+    main study's names stay `scenes-k{K}-s{seed}`; e.g. `-e24-w32-sc0.25-1` otherwise."""
+    scale = tuple(scale or a.scale)
+    out = ""
+    if a.epochs != DEFAULT_EPOCHS:
+        out += f"-e{a.epochs}"
+    if a.width is not None:
+        out += f"-w{a.width}"
+    if scale != DEFAULT_SCALE:
+        out += f"-sc{_num(scale[0])}-{_num(scale[1])}"
+    return out
+
+
+def run_name(a, k: int, seed: int, suffix: str = "", scale: tuple[float, float] | None = None) -> str:
+    return f"scenes-k{k}{tag(a, scale)}-s{seed}{suffix}"
+
+
+def recipe(a, *, k: int, seed: int, suffix: str = "", scale: tuple[float, float] | None = None) -> dict:
     raw = tomllib.loads(Path(a.recipe).read_text())
-    raw["run"].update(name=f"scenes-k{k}-s{seed}{suffix}", out=str(a.out), seed=seed, progress=False,
+    raw["run"].update(name=run_name(a, k, seed, suffix, scale), out=str(a.out), seed=seed, progress=False,
                       eval_every=a.epochs)
     raw["data"]["path"] = str(a.data_root / f"scenes-k{k}{a.data_suffix}")
-    raw["loader"]["scale"] = list(a.scale)
+    raw["loader"]["scale"] = list(scale or a.scale)
+    if a.width is not None:
+        raw["model"]["options"] = {**raw["model"].get("options", {}), "width": a.width}
     for r in raw["rounds"]:
         r["epochs"] = a.epochs
     return raw
@@ -55,8 +83,8 @@ def run(raw: dict) -> None:
 
 
 def share_labels(a, k: int, seed: int, suffix: str) -> None:
-    src = a.out / f"scenes-k{k}-s{seed}" / "labels"
-    dst = a.out / f"scenes-k{k}-s{seed}{suffix}" / "labels"
+    src = a.out / run_name(a, k, seed) / "labels"
+    dst = a.out / run_name(a, k, seed, suffix) / "labels"
     if not (dst / "done.json").is_file():
         shutil.copytree(src, dst, dirs_exist_ok=True)
 
@@ -81,6 +109,14 @@ def train_one(a, k: int, seed: int, parts: str) -> None:
         raw["rounds"] = [labels, {"name": "refined-adv", "epochs": a.epochs, "refinery": "labels",
                                   "seed_from": "labels"}]
         share_labels(a, k, seed, "-adv")
+        run(raw)
+
+
+def train_scales(a, k: int, seed: int) -> None:
+    """The crop-scale regime: labels and refined at each of --extra-scales (the main K only)."""
+    for sc in a.extra_scales:
+        raw = recipe(a, k=k, seed=seed, scale=sc)
+        raw["rounds"] = raw["rounds"][:2]
         run(raw)
 
 
@@ -110,7 +146,7 @@ def measure_crops(a, k: int, seed: int = 0, limit: int = 2000, scale: tuple[floa
     ld = build(data=data, backend="torch", split="train", batch_size=1, resolution=rec.loader.resolution,
                device=torch.device("cpu"), workers=0, seed=round_seed(rec, 0), scale=scale or rec.loader.scale,
                ratio=rec.loader.ratio, flip=rec.loader.flip)
-    ckpt = a.out / f"scenes-k{k}-s{seed}" / "labels" / "last.pt"
+    ckpt = a.out / run_name(a, k, seed) / "labels" / "last.pt"
     model = load_model(ckpt, device=torch.device("cpu"))[0].eval() if ckpt.is_file() else None
     ds = _Samples(ld.table, ld.opts, decode_here=True)
     ds.set_epoch(0, ld.opts.resolution)
@@ -181,13 +217,47 @@ def collect(a) -> dict:
     for k in a.objects:
         rows = {}
         for s in a.seeds:
-            base = f"scenes-k{k}-s{s}"
+            base = run_name(a, k, s)
             got = {"labels": done(a, base, "labels"), "refined": done(a, base, "refined"),
                    "refined-2": done(a, base, "refined-2"), "refined-image": done(a, base + "-image", "refined-image"),
                    "refined-adv": done(a, base + "-adv", "refined-adv")}
             rows[s] = {n: d for n, d in got.items() if d is not None}
         res[k] = rows
     return res
+
+
+def collect_scales(a) -> dict:
+    """{scale: {seed: {"labels": done, "refined": done}}} for the main K, the main scale first."""
+    k = a.objects[0]
+    out = {}
+    for sc in [tuple(a.scale)] + list(a.extra_scales):
+        out[sc] = {}
+        for s in a.seeds:
+            got = {n: done(a, run_name(a, k, s, scale=sc), n) for n in ("labels", "refined")}
+            out[sc][s] = {n: d for n, d in got.items() if d is not None}
+    return out
+
+
+def scale_table(a, by_scale: dict, measures: dict) -> list[str]:
+    k = a.objects[0]
+    rows = []
+    for sc, per_seed in by_scale.items():
+        seeds = [s for s in a.seeds if {"labels", "refined"} <= set(per_seed[s])]
+        if not seeds:
+            continue
+        lab = [per_seed[s]["labels"]["val_top1"] for s in seeds]
+        ref = [per_seed[s]["refined"]["val_top1"] for s in seeds]
+        g = [y - x for x, y in zip(lab, ref)]
+        m = measures.get(f"{k} {list(sc)}", {})
+        below = f"{100 * m['below_half_of_labelled']:.1f}" if "below_half_of_labelled" in m else "-"
+        rows.append(f"| [{_num(sc[0])}, {_num(sc[1])}] | {below} | {len(seeds)} | {ms(lab)} | {ms(ref)} | {ms(g)} | "
+                    f"{', '.join(f'{100 * x:+.2f}' for x in g)} |")
+    if len(rows) < 2:
+        return []
+    return [f"**Crop scale** (K = {k}; labels and refined trained at each RandomResizedCrop area range, paired; "
+            "val top-1, %)", "",
+            "| scale | crops < half of the labelled object | seeds | labels | refined | paired gain | per seed |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def tables(a, res: dict, measures: dict) -> str:
@@ -221,6 +291,7 @@ def tables(a, res: dict, measures: dict) -> str:
             out += ["", f"Jittering on minus off (paired, seeds {adv}): {ms(d)} points "
                     f"(per seed {', '.join(f'{100 * x:+.2f}' for x in d)})."]
         out.append("")
+    out += scale_table(a, collect_scales(a), measures)
     if measures:
         out += ["**Crops** (epoch-0 training crops of 2,000 scenes at the recipe's scale; refinery: the labels "
                 "round of seed 0)", "",
@@ -278,6 +349,16 @@ def plot(a, res: dict, png: Path) -> Path | None:
 
 # -------------------------------------------------------------------------------------------- main
 
+def _scale_arg(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, e.g. 0.25,1") from None
+    if not 0 < lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < LO <= HI <= 1")
+    return lo, hi
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/scenes.toml")
@@ -287,7 +368,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--objects", type=int, nargs="+", default=[2, 4, 1], help="regimes K; the first is the main one")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8, help="epochs of every round")
-    ap.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="RandomResizedCrop area range")
+    ap.add_argument("--scale", type=float, nargs=2, default=DEFAULT_SCALE, help="RandomResizedCrop area range")
+    ap.add_argument("--extra-scales", nargs="*", default=[], metavar="LO,HI", type=_scale_arg,
+                    help="the crop-scale regime: also train labels and refined at these area ranges (main K only)")
+    ap.add_argument("--width", type=int, default=None, help="tiny_cnn width (not set: the recipe's)")
     ap.add_argument("--main-parts", default="2i", help="main K: 2 = refined-2, i = image view, j = jitter")
     ap.add_argument("--other-parts", default="", help="other K: the same letters (labels and refined always run)")
     ap.add_argument("--adv-fraction", type=float, default=0.5)
@@ -310,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in a.objects:
             for s in a.seeds:
                 train_one(a, k, s, a.main_parts if k == a.objects[0] else a.other_parts)
+                if k == a.objects[0]:
+                    train_scales(a, k, s)
     measures = {}
     stored = a.out / "crops.json"            # the last measurement, kept apart (measuring takes minutes)
     if not a.measure and stored.is_file():
