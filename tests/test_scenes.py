@@ -227,3 +227,29 @@ def test_crop_measurements_of_the_study(scenes, tmp_path):
     assert whole["label_is_dominant"] == 1 and "refinery_names_dominant" not in whole   # no labels round here
     small = scenes_study.measure_crops(a, 2, limit=24, scale=(0.05, 0.1))
     assert small["below_half_of_labelled"] > 0.3 and small["label_is_dominant"] < 1
+
+
+def test_study_names_regimes_and_tables_paired_gains_per_scale(tmp_path):
+    """Run names carry the regime (so regimes never share a folder); the crop-scale table pairs each seed's
+    refined round with its own labels round."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import scenes_study
+    a = scenes_study.parse(["--out", str(tmp_path), "--objects", "2", "--seeds", "0", "1",
+                            "--extra-scales", "0.25,1"])
+    assert scenes_study.run_name(a, 2, 0) == "scenes-k2-s0"
+    assert scenes_study.run_name(a, 2, 1, scale=(0.25, 1.0)) == "scenes-k2-sc0.25-1-s1"
+    b = scenes_study.parse(["--epochs", "24", "--width", "32"])
+    assert scenes_study.run_name(b, 4, 2, "-image") == "scenes-k4-e24-w32-s2-image"
+    vals = {((0.08, 1.0), 0): (0.50, 0.52), ((0.08, 1.0), 1): (0.40, 0.41),
+            ((0.25, 1.0), 0): (0.60, 0.55), ((0.25, 1.0), 1): (0.70, 0.66)}
+    for (sc, seed), (lab, ref) in vals.items():
+        for rnd, v in (("labels", lab), ("refined", ref)):
+            d = tmp_path / scenes_study.run_name(a, 2, seed, scale=sc) / rnd
+            d.mkdir(parents=True)
+            (d / "done.json").write_text(json.dumps({"val_top1": v, "train_top1": v - 0.1}))
+    lines = scenes_study.scale_table(a, scenes_study.collect_scales(a), {})
+    rows = [x for x in lines if x.startswith("| [")]
+    assert rows[0].startswith("| [0.08, 1] |") and "+2.00, +1.00" in rows[0] and "| 1.50 ± 0.71 |" in rows[0]
+    assert rows[1].startswith("| [0.25, 1] |") and "-5.00, -4.00" in rows[1] and "| -4.50 ± 0.71 |" in rows[1]
+    with pytest.raises(SystemExit):
+        scenes_study.parse(["--extra-scales", "0.5"])
