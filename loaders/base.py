@@ -8,7 +8,7 @@ int64 on the same device. It never asks which backend produced them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -87,11 +87,16 @@ class LoaderOptions:
     std: tuple[float, float, float] = IMAGENET_STD
     channels_last: bool = True
     flip: bool = True            # train only: a random horizontal flip with probability 0.5
-    shuffle: bool | None = None  # None: shuffle train, not val
-    drop_last: bool | None = None  # None: drop on train, keep on val
-    augment: bool | None = None    # None: the train split's transform on train, val's on val; False: the
+    shuffle: bool | None = None  # not given: shuffle train, not val
+    drop_last: bool | None = None  # not given: drop on train, keep on val
+    augment: bool | None = None    # not given: the train split's transform on train, val's on val; False: the
                                    # val transform on either split (`fastrefine eval --split train`)
     refinery_view: str = "crop"  # train only, "image": yield Views(crop, whole image) as the images (torch loader)
+    # derived once in __post_init__ (and again by `with_resolution`), read as plain attributes
+    train: bool = field(init=False)        # the train transform (random crop, flip)
+    flip_prob: float = field(init=False)   # 0.5 with the train transform and flip on, else 0
+    whole_image: bool = field(init=False)  # train with refinery_view "image"
+    val_resize: int = field(init=False)    # the val transform's shorter side before the centre crop
 
     def __post_init__(self) -> None:
         where = f"{self.split} loader"
@@ -113,35 +118,20 @@ class LoaderOptions:
             raise UsageError(f"{where}: ratio must be 0 < lo <= hi, got {self.ratio}")
         if not 0 < self.val_crop_ratio <= 1:
             raise UsageError(f"{where}: val_crop_ratio must be in (0, 1], got {self.val_crop_ratio}")
+        # what a left-out option means, resolved here once: every reader sees booleans
+        train = self.split == "train" if self.augment is None else bool(self.augment)
+        resolved = {"augment": train, "train": train,
+                    "shuffle": train if self.shuffle is None else bool(self.shuffle),
+                    "drop_last": train if self.drop_last is None else bool(self.drop_last),
+                    "flip_prob": 0.5 if (train and self.flip) else 0.0,
+                    "whole_image": train and self.refinery_view == "image",
+                    "val_resize": int(round(self.resolution / self.val_crop_ratio))}
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
 
     def with_resolution(self, resolution: int) -> "LoaderOptions":
         """These options at another resolution (progressive resizing), checked as at construction."""
         return dataclasses.replace(self, resolution=int(resolution))
-
-    @property
-    def train(self) -> bool:
-        """The train transform (random crop, flip): the train split, unless `augment` says otherwise."""
-        return self.split == "train" if self.augment is None else self.augment
-
-    @property
-    def do_shuffle(self) -> bool:
-        return self.train if self.shuffle is None else self.shuffle
-
-    @property
-    def do_drop_last(self) -> bool:
-        return self.train if self.drop_last is None else self.drop_last
-
-    @property
-    def val_resize(self) -> int:
-        return int(round(self.resolution / self.val_crop_ratio))
-
-    @property
-    def whole_image(self) -> bool:
-        return self.train and self.refinery_view == "image"
-
-    @property
-    def flip_prob(self) -> float:
-        return 0.5 if (self.train and self.flip) else 0.0
 
     @property
     def normalization(self) -> Normalization:

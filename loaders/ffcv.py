@@ -223,7 +223,7 @@ class FfcvLoader(LoaderBase):
     def _order_and_indices(self, order: str, n: int):
         from ffcv.loader import OrderOption
         o = self.opts
-        if not o.do_shuffle:
+        if not o.shuffle:
             indices = None if o.world_size == 1 else np.array(
                 shard_indices(n, rank=o.rank, world_size=o.world_size))
             return OrderOption.SEQUENTIAL, indices
@@ -242,7 +242,7 @@ class FfcvLoader(LoaderBase):
             with keep_torch_threads():  # Loader() calls Compiler.set_num_threads(num_workers)
                 return Loader(str(self.path), batch_size=self.batch_size, num_workers=self.workers,
                               os_cache=os_cache, order=ffcv_order, distributed=False, seed=self.opts.seed,
-                              indices=indices, drop_last=self.opts.do_drop_last, batches_ahead=batches_ahead,
+                              indices=indices, drop_last=self.opts.drop_last, batches_ahead=batches_ahead,
                               pipelines={"image": self._image_pipeline(), "label": self._label_pipeline()})
         except ValueError as e:  # e.g. QUASI_RANDOM with os_cache=True
             raise UsageError(f"FFCV loader for {self.path}: {e}") from e
@@ -251,7 +251,7 @@ class FfcvLoader(LoaderBase):
     @property
     def num_samples(self) -> int:
         n = len(self._ffcv().first_traversal_order)
-        return (n // self.batch_size) * self.batch_size if self.opts.do_drop_last else n
+        return (n // self.batch_size) * self.batch_size if self.opts.drop_last else n
 
     def __len__(self) -> int:
         return len(self._ffcv())

@@ -291,9 +291,9 @@ def sample_table(data: Path, split: str) -> SampleTable:
 
 def rank_order(n: int, opts: LoaderOptions, epoch: int) -> np.ndarray:
     """The sample indices this rank reads this epoch, in order (before drop_last is applied)."""
-    if not opts.do_shuffle and not opts.do_drop_last:
+    if not opts.shuffle and not opts.drop_last:
         return np.arange(opts.rank, n, opts.world_size, dtype=np.int64)
-    perm = (np.random.default_rng([opts.seed, epoch]).permutation(n) if opts.do_shuffle
+    perm = (np.random.default_rng([opts.seed, epoch]).permutation(n) if opts.shuffle
             else np.arange(n, dtype=np.int64))
     return perm[opts.rank::opts.world_size][: n // opts.world_size]
 
@@ -302,16 +302,16 @@ def epoch_batches(n: int, opts: LoaderOptions, epoch: int) -> list[np.ndarray]:
     """This rank's batches of sample indices: full batches only with drop_last, else a short last one."""
     mine = rank_order(n, opts, epoch)
     b = opts.batch_size
-    if opts.do_drop_last:
+    if opts.drop_last:
         mine = mine[: len(mine) // b * b]
     return [mine[i:i + b] for i in range(0, len(mine), b)]
 
 
 def samples_per_rank(n: int, opts: LoaderOptions) -> int:
-    if not opts.do_shuffle and not opts.do_drop_last:
+    if not opts.shuffle and not opts.drop_last:
         return len(range(opts.rank, n, opts.world_size))
     per_rank = n // opts.world_size
-    return per_rank // opts.batch_size * opts.batch_size if opts.do_drop_last else per_rank
+    return per_rank // opts.batch_size * opts.batch_size if opts.drop_last else per_rank
 
 
 # -- image sizes -------------------------------------------------------------------------------

@@ -75,3 +75,18 @@ def test_each_owner_is_imported_by_the_modules_said_to_ask_it():
             if not any(_imports(f, owner) for f in files if f != owner):
                 wrong.append(f"{where} does not import {owner.relative_to(ROOT)}")
     assert not wrong, "docs/layout.md's owners table is not what the code does:\n" + "\n".join(wrong)
+
+
+def test_the_walk_of_one_batch_is_traced_from_the_loop_to_last_pt(capsys):
+    """tools/walk.py traces a real refined round and sees the batch reach last.pt through the saver."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tools"))
+    import walk
+    assert walk.main(["--edges"]) == 0
+    out = capsys.readouterr().out
+    counts = re.search(r"edges (\d+), module hops (\d+), modules (\d+), into round.py (\d+)", out)
+    assert counts and 0 < int(counts.group(2)) < int(counts.group(1))
+    for hop in ("fastrefine/engine.py:train_epoch -> fastrefine/engine.py:train_step",
+                "fastrefine/engine.py:forward_backward -> fastrefine/refinery.py:Refinery.forward",
+                "fastrefine/checkpoint.py:write -> fastrefine/atomic.py:atomic_write"):
+        assert hop in out, hop
