@@ -193,12 +193,14 @@ def _flat(d, prefix: str = "") -> dict:
 def recipe_changes(recipe: Recipe, index: int, recorded: Path) -> dict:
     """{dotted key: [recorded, now]} for what differs between the recipe a round started with (its
     recipe.toml) and `recipe`, over the keys that change what round `index` trains: every section but
-    RESUME_FREE, and of the rounds only its own entry."""
-    import tomllib
+    RESUME_FREE, and of the rounds only its own entry. The record is loaded as a recipe, so both sides
+    are resolved alike (a record an older version wrote, with its [model] section or a 0 for an unset
+    optim.grad_clip, compares as what it meant)."""
+    from .recipe import RecipeError, load_recipe
     try:
-        old = tomllib.loads(recorded.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        log.warning("%s: cannot be read (%s); recipe changes on resume not checked", recorded, e)
+        old = recipe_to_dict(load_recipe(recorded, recorded=True))
+    except (RecipeError, OSError) as e:
+        log.warning("%s: cannot be loaded (%s); recipe changes on resume not checked", recorded, e)
         return {}
     new = recipe_to_dict(recipe)
 

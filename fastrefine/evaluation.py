@@ -44,7 +44,7 @@ class RunContext:
         if (rdir / "recipe.toml").is_file():
             from .recipe import load_recipe
             try:
-                recipe = load_recipe(rdir / "recipe.toml")
+                recipe = load_recipe(rdir / "recipe.toml", recorded=True)
             except UsageError as e:  # an older or edited record: the command-line settings still work
                 log.warning("%s: not used for defaults (%s)", rdir / "recipe.toml", e)
         return cls(recipe=recipe, info=read_json_marker(rdir / "run.json") or {})
@@ -85,7 +85,7 @@ def load_checkpoint_model(path: Path, *, class_names=None, num_classes: int | No
                        description=desc)
 
 
-def load_torchvision_model(spec: str, *, weights: str, class_map: str, class_names: list[str],
+def load_torchvision_model(spec: str, *, weights: str, class_map: str | None, class_names: list[str],
                            num_classes: int, loader_norm: tuple) -> LoadedModel:
     """torchvision:NAME with its weights (local .pth or the hub cache), its outputs reduced to the dataset's
     classes as a torchvision refinery's are, and its input normalisation adapted to the loader's."""
@@ -153,7 +153,7 @@ def resolve_settings(context: RunContext, *, data: Path, split: str, resolution:
 def evaluate_model(spec: str, data: Path, *, split: str = "val", resolution: int | None = None,
                    crop_ratio: float | None = None, batch_size: int | None = None, backend: str | None = None,
                    precision: str | None = None, device: str = "auto", weights: str = "DEFAULT",
-                   class_map: str = "", workers: int | None = None, max_batches: int | None = None) -> dict:
+                   class_map: str | None = None, workers: int | None = None, max_batches: int | None = None) -> dict:
     """Evaluate `spec` (a checkpoint path or "torchvision:NAME") on `data`'s `split`: a JSON-ready report."""
     from .bench.protocol import pick_device
     from .chain import data_classes, plan_threads

@@ -70,7 +70,7 @@ def _run_recipe_of(checkpoint: Path):
     if not path.is_file():
         return None
     try:
-        return load_recipe(path)
+        return load_recipe(path, recorded=True)
     except UsageError:
         return None
 

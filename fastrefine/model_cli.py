@@ -24,7 +24,7 @@ def register(app: typer.Typer, *, handle_errors, console) -> None:
                  precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|bf16|fp16|fp32", help="Autocast (default: the run's, else auto)."),
                  device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where the model runs."),
                  weights: str = typer.Option("DEFAULT", "--weights", metavar="NAME|FILE", help="torchvision:NAME only: weights name in the torch hub cache, or a .pth (never downloaded)."),
-                 class_map: str = typer.Option("", "--class-map", metavar="FILE", help="torchvision:NAME only: JSON mapping the data's classes to the model's outputs."),
+                 class_map: Optional[str] = typer.Option(None, "--class-map", metavar="FILE", help="torchvision:NAME only: JSON mapping the data's classes to the model's outputs."),
                  max_batches: Optional[int] = typer.Option(None, "--max-batches", min=1, metavar="N", help="Only the first N batches (as a run's max_val_batches); default: the whole split."),
                  json_out: Optional[Path] = typer.Option(None, "--json", metavar="PATH", help="Also write the report as JSON.")):
         """Top-1, top-5, loss and per-class top-1 of a checkpoint or a torchvision model on a dataset split."""

@@ -29,9 +29,13 @@ def make_optimizer(model: nn.Module, *, lr: float, momentum: float, nesterov: bo
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
-def make_clipper(max_norm: float, scaler: torch.amp.GradScaler, optimizer) -> Callable[[nn.Module], None]:
-    if max_norm <= 0:
+def make_clipper(max_norm: float | None, scaler: torch.amp.GradScaler, optimizer) -> Callable[[nn.Module], None]:
+    """What the step calls before the update: clip the gradients' global norm to `max_norm` (optim.grad_clip),
+    unscaled first; None: nothing."""
+    if max_norm is None:
         return lambda model: None
+    if max_norm <= 0:
+        raise ValueError(f"max_norm: expected a norm > 0 or None, got {max_norm}")  # the recipe refuses it first
 
     def clip(model: nn.Module) -> None:
         scaler.unscale_(optimizer)

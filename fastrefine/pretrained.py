@@ -1,6 +1,6 @@
 """Pretrained refineries: a torchvision classifier with its weights, ready to refine a round.
 
-    model, note = load_torchvision_refinery("resnet50", weights="IMAGENET1K_V2", class_map="",
+    model, note = load_torchvision_refinery("resnet50", weights="IMAGENET1K_V2", class_map=None,
                                             class_names=wnids, num_classes=1000)
     model, note = adapt_normalization(model, refinery=torchvision_normalization("resnet50", weights="IMAGENET1K_V2"),
                                       loader=(loader.normalization.mean, loader.normalization.std))
@@ -246,13 +246,13 @@ def read_class_map(path: str | Path, *, class_names: list[str], refinery_outputs
     return groups
 
 
-def load_torchvision_refinery(name: str, *, weights: str, class_map: str | Path, class_names: list[str],
+def load_torchvision_refinery(name: str, *, weights: str, class_map: str | Path | None, class_names: list[str],
                               num_classes: int) -> tuple[nn.Module, str]:
     """A torchvision classifier with its weights, on the CPU in eval mode, whose outputs are the
     dataset's `num_classes` classes in the dataset's order; and a one-line description.
 
     weights: a torchvision weights name ("IMAGENET1K_V2", "DEFAULT", ...) read from the torch hub
-    cache only, or a .pth state dict file. class_map: "" or a JSON file (see the module docstring).
+    cache only, or a .pth state dict file. class_map: None or a JSON file (see the module docstring).
     class_names: the dataset's class names in label order (the manifest's wnids).
     """
     _check_name(name)
@@ -267,7 +267,7 @@ def load_torchvision_refinery(name: str, *, weights: str, class_map: str | Path,
     else:
         model, n_out = _build_from_cache(name, weights)
         source = f"{_weights_enum(name, weights)} from {hub_cache_path(name, weights)}"
-    if class_map:
+    if class_map is not None:
         groups = read_class_map(class_map, class_names=class_names, refinery_outputs=n_out)
         if groups != [[i] for i in range(n_out)]:
             model = ClassMapHead(model, groups)

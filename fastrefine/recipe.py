@@ -3,11 +3,23 @@
 An unknown or misspelt key, a wrong type or a value out of range is a RecipeError (exit 2) naming the
 file and the dotted key. `--set a.b=value` overrides use the same dotted keys and the same checks.
 
-Inheritance is resolved once, at load (`_resolve`): every round's model, model_options, lr and refinery
-("none", an earlier round's name, a checkpoint path or "torchvision:NAME"; never "previous"), and the
-loader's val_batch_size and val_resolution hold real values in a loaded Recipe. The None that remain
-mean "absent" (no progressive resizing, no step cap, no seed_from, workers and num_classes decided at
-start from the machine and the data).
+Two kinds of dataclass: the TOML schema (`RecipeSpec`, `RoundSpec`, `LoaderSpec` and the section
+configs), where a key left out of the file is None ("not set: inherit"), and what a loaded recipe holds
+(`Recipe`, `RoundConfig`, `LoaderConfig`), where inheritance is resolved, once, at load (`_resolve`):
+every round's model, model_options, lr and refinery ("none", an earlier round's name, a checkpoint path
+or "torchvision:NAME"; never "previous"), and the loader's val_batch_size and val_resolution are typed and
+held as real values. A Recipe has no [model] section: each round names its model.
+
+No key holds an in-band "off" or "unset" value: `data.path` is required, `refinery.class_map` and
+`optim.grad_clip` are left out for none / no clipping (a clip norm of 0 is an error, not "off"). A
+`refinery.adversarial.fraction` of 0 is a real share (no image of the batch is jittered), not a switch.
+The None that remain in a Recipe mean "absent"; each is resolved in one place and its result passed
+on: run.max_steps_per_epoch (round.epoch_steps), run.max_val_batches (round.run_round's evaluations;
+estimate projects the same cut), run.ema and refinery.resolution (round.build_round),
+run.checkpoint_every_steps (round.run_round), loader.progressive (round.train_resolution; here, the
+final train resolution val_resolution defaults to), rounds[i].seed_from (round_seed), data.num_classes
+and loader.workers (chain.make_env, once at start, from the data and the machine: RoundEnv.num_classes
+and RoundEnv.threads).
 """
 
 from __future__ import annotations
@@ -33,10 +45,11 @@ class RecipeError(UsageError):
 
 
 def _field(default: Any, *, lo: float | None = None, hi: float | None = None, doc: str = "",
-           lo_open: bool = False, hi_open: bool = False) -> Any:
+           lo_open: bool = False, hi_open: bool = False, hint: str = "") -> Any:
     """A recipe field: its default, its allowed range and a line of documentation. A default of None
-    means "not set: inherit" (TOML has no null, so only a key left out is None)."""
-    meta = {"lo": lo, "hi": hi, "doc": doc, "lo_open": lo_open, "hi_open": hi_open}
+    means "not set" (TOML has no null, so only a key left out is None). `hint`: added to an out-of-range
+    error."""
+    meta = {"lo": lo, "hi": hi, "doc": doc, "lo_open": lo_open, "hi_open": hi_open, "hint": hint}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -74,7 +87,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = _field("", doc="converted dataset folder (manifest.json), or an ImageFolder root with train/ and val/")
+    path: str = _field(REQUIRED, doc="converted dataset folder (manifest.json), or an ImageFolder root with train/ and val/")
     num_classes: int | None = _field(None, lo=1, hi=1_000_000, doc="not set: from the manifest or the class folders")
 
 
@@ -88,7 +101,8 @@ class ProgressiveConfig:
 
 
 @dataclass(frozen=True)
-class LoaderConfig:
+class LoaderSpec:
+    """[loader] as the TOML says it."""
     backend: Literal["auto", "torch", "dali", "ffcv"] = _field("auto")
     batch_size: int = _field(256, lo=1, hi=65536, doc="per process")
     val_batch_size: int | None = _field(None, lo=1, hi=65536, doc="not set: same as batch_size")
@@ -106,9 +120,17 @@ class LoaderConfig:
     torch: TorchOptions = _field(TorchOptions(), doc="torch backend options")
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig(LoaderSpec):
+    """[loader] as a loaded Recipe holds it: val_batch_size and val_resolution resolved."""
+    val_batch_size: int
+    val_resolution: int
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _field("", doc="a name from `fastrefine.models.list_models()`")
+    name: str | None = _field(None, doc="a name from `fastrefine.models.list_models()`, the model of every round "
+                              "that names none; not set: each round names its own")
     options: dict = _field({}, doc="keyword options for the model builder, e.g. {width = 0.25}")
 
 
@@ -123,7 +145,8 @@ class OptimConfig:
     nesterov: bool = _field(True)
     weight_decay: float = _field(5e-5, lo=0.0)
     decay_norm_and_bias: bool = _field(False, doc="false: norm layers and biases get no weight decay")
-    grad_clip: float = _field(0.0, lo=0.0, doc="0: off")
+    grad_clip: float | None = _field(None, lo=0.0, lo_open=True, hint="leave the key out for no clipping",
+                                     doc="clip the gradients' global norm to this; not set: no clipping")
     accumulate: int = _field(1, lo=1, hi=1024, doc="batches per optimizer step (gradient accumulation); the "
                              "global batch is batch_size x processes x accumulate")
 
@@ -139,7 +162,10 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    fraction: float = _field(0.0, lo=0.0, hi=1.0, doc="share of each batch replaced by jittered images; 0: off")
+    """Adversarial jittering. `fraction` is a share like any other, not a switch: round(fraction x batch)
+    images of each batch are jittered, so 0 (the default) jitters none, and so does a share too small to
+    round to one image."""
+    fraction: float = _field(0.0, lo=0.0, hi=1.0, doc="share of each batch replaced by jittered images (0: none)")
     epsilon: float = _field(1.0, lo=0.0, doc="signed-gradient step, in 0..255 pixel units")
 
 
@@ -155,8 +181,9 @@ class RefineryConfig:
                                                  "its EMA weights (run.ema set)")
     weights: str = _field("DEFAULT", doc='refinery = "torchvision:NAME" only: a torchvision weights name '
                           '(e.g. "IMAGENET1K_V2", "DEFAULT") from the torch hub cache, or a .pth state dict')
-    class_map: str = _field("", doc="torchvision refineries: a JSON file mapping this dataset's class names to the "
-                            "refinery's class indices (needed when the classes are not ImageNet's 1,000 wnids)")
+    class_map: str | None = _field(None, doc="torchvision refineries: a JSON file mapping this dataset's class names "
+                                   "to the refinery's class indices (needed when the classes are not ImageNet's "
+                                   "1,000 wnids); not set: none")
     resolution: int | None = _field(None, lo=8, hi=4096, doc="the refinery sees the same crop resized to this on the "
                                     "device; not set: the crop as it is")
     view: Literal["crop", "image"] = _field("crop", doc='crop: the refinery labels the very crop the student sees '
@@ -166,7 +193,8 @@ class RefineryConfig:
 
 
 @dataclass(frozen=True)
-class RoundConfig:
+class RoundSpec:
+    """[[rounds]] as the TOML says it."""
     name: str = _field(REQUIRED)
     epochs: int = _field(REQUIRED, lo=1, hi=100_000)
     refinery: str | None = _field(None, doc='"none", "previous", an earlier round\'s name, a checkpoint path, or '
@@ -179,24 +207,53 @@ class RoundConfig:
                                    "the same crops as that round (paired comparisons); not set: this round's own seed")
 
 
-@dataclass(frozen=True)
-class Recipe:
+@dataclass(frozen=True, kw_only=True)
+class RoundConfig(RoundSpec):
+    """A round as a loaded Recipe holds it: what it inherits resolved."""
+    refinery: str        # "none", an earlier round's name, a checkpoint path or "torchvision:NAME"
+    model: str
+    model_options: dict
+    lr: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeSpec:
+    """A recipe file as the TOML says it."""
     run: RunConfig = _field(RunConfig())
-    data: DataConfig = _field(DataConfig())
-    loader: LoaderConfig = _field(LoaderConfig())
+    data: DataConfig = _field(REQUIRED)
+    loader: LoaderSpec = _field(LoaderSpec())
     model: ModelConfig = _field(ModelConfig())
     optim: OptimConfig = _field(OptimConfig())
     schedule: ScheduleConfig = _field(ScheduleConfig())
     refinery: RefineryConfig = _field(RefineryConfig())
-    rounds: list[RoundConfig] = _field([])
-    source: str = field(default="", metadata={"internal": True})
+    rounds: list[RoundSpec] = _field([])
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe: the sections of RecipeSpec with inheritance resolved (no [model]: each round
+    names its model). `source`: the file it came from."""
+    run: RunConfig
+    data: DataConfig
+    loader: LoaderConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    refinery: RefineryConfig
+    rounds: list[RoundConfig]
+    source: str = ""
 
-def _inherited_model(recipe: Recipe, r: RoundConfig) -> tuple[str, dict]:
-    name = r.model if r.model is not None else recipe.model.name
-    opts = recipe.model.options if r.model_options is None else r.model_options
+
+def _inherited_model(spec: RecipeSpec, r: RoundSpec) -> tuple[str | None, dict]:
+    name = r.model if r.model is not None else spec.model.name
+    opts = spec.model.options if r.model_options is None else r.model_options
     return name, dict(opts)
+
+
+def _inherited_refinery(index: int, r: RoundSpec) -> str:
+    """The round's refinery as written, or its default: "none" for the first round, "previous" after."""
+    if r.refinery is not None:
+        return r.refinery
+    return "none" if index == 0 else "previous"
 
 
 # ---------------------------------------------------------------- strict conversion
@@ -219,10 +276,11 @@ def _check_range(value: float, meta: dict, where: str) -> None:
     lo, hi = meta.get("lo"), meta.get("hi")
     if isinstance(value, float) and not math.isfinite(value):
         raise RecipeError(f"{where}: expected a finite number, got {value}")
+    hint = f" ({meta['hint']})" if meta.get("hint") else ""
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-        raise RecipeError(f"{where}: expected a value {'>' if meta.get('lo_open') else '>='} {lo}, got {value}")
+        raise RecipeError(f"{where}: expected a value {'>' if meta.get('lo_open') else '>='} {lo}, got {value}{hint}")
     if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
-        raise RecipeError(f"{where}: expected a value {'<' if meta.get('hi_open') else '<='} {hi}, got {value}")
+        raise RecipeError(f"{where}: expected a value {'<' if meta.get('hi_open') else '<='} {hi}, got {value}{hint}")
 
 
 def _convert(tp: Any, value: Any, where: str, meta: dict) -> Any:
@@ -297,14 +355,18 @@ def _build(cls: type, raw: dict, where: str) -> Any:
                 raise RecipeError(f"{prefix}{key}: {moved}")
             close = _close_match(key, known)
             hint = f" (did you mean {close!r}?)" if close else ""
-            raise RecipeError(f"{prefix}{key}: unknown key{hint}; {cls.__name__} takes "
+            raise RecipeError(f"{prefix}{key}: unknown key{hint}; {where or 'a recipe'} takes "
                               f"{', '.join(sorted(known))}")
     kwargs = {}
     for name, f in known.items():
         if name in raw:
             kwargs[name] = _convert(hints[name], raw[name], prefix + name, dict(f.metadata))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{prefix}{name}: missing (required)")
+            if dataclasses.is_dataclass(hints[name]):  # a required table: name the key it lacks
+                kwargs[name] = _build(hints[name], {}, prefix + name)
+                continue
+            doc = f.metadata.get("doc")
+            raise RecipeError(f"{prefix}{name}: missing (required)" + (f": {doc}" if doc else ""))
     return cls(**kwargs)
 
 
@@ -380,31 +442,53 @@ def _dotted(path: list[str | int]) -> str:
 
 def recipe_from_dict(raw: dict, *, source: str = "<dict>") -> Recipe:
     try:
-        recipe = _build(Recipe, raw, "")
-        _validate(recipe)
+        spec = _build(RecipeSpec, raw, "")
+        _validate(spec)
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
-    return dataclasses.replace(_resolve(recipe), source=source)
+    return _resolve(spec, source=source)
 
 
-def _resolve(r: Recipe) -> Recipe:
-    """What a left-out key inherits, filled in once (see the module's docstring)."""
+def _fields_of(obj: Any) -> dict:
+    """A dataclass's fields, one level deep (the nested dataclasses stay as they are)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _resolve(spec: RecipeSpec, *, source: str) -> Recipe:
+    """What a left-out key inherits, filled in once (see the module's docstring). `spec` is validated."""
     rounds = []
-    for i, rd in enumerate(r.rounds):
-        name, opts = _inherited_model(r, rd)
-        ref = rd.refinery if rd.refinery is not None else ("none" if i == 0 else "previous")
-        rounds.append(dataclasses.replace(rd, model=name, model_options=opts,
-                                          lr=rd.lr if rd.lr is not None else r.optim.lr,
-                                          refinery=r.rounds[i - 1].name if ref == "previous" else ref))
-    lc = r.loader
+    for i, rd in enumerate(spec.rounds):
+        name, opts = _inherited_model(spec, rd)
+        assert name is not None  # _validate: every round has a model
+        ref = _inherited_refinery(i, rd)
+        rounds.append(RoundConfig(**(_fields_of(rd) | dict(
+            model=name, model_options=opts, lr=rd.lr if rd.lr is not None else spec.optim.lr,
+            refinery=spec.rounds[i - 1].name if ref == "previous" else ref))))
+    lc = spec.loader
     final_train = lc.progressive.end if lc.progressive is not None else lc.resolution
-    loader = dataclasses.replace(
-        lc, val_batch_size=lc.val_batch_size if lc.val_batch_size is not None else lc.batch_size,
-        val_resolution=lc.val_resolution if lc.val_resolution is not None else final_train)
-    return dataclasses.replace(r, rounds=rounds, loader=loader)
+    loader = LoaderConfig(**(_fields_of(lc) | dict(
+        val_batch_size=lc.val_batch_size if lc.val_batch_size is not None else lc.batch_size,
+        val_resolution=lc.val_resolution if lc.val_resolution is not None else final_train)))
+    return Recipe(run=spec.run, data=spec.data, loader=loader, optim=spec.optim, schedule=spec.schedule,
+                  refinery=spec.refinery, rounds=rounds, source=source)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+# How a run folder's recipe.toml written before these keys lost their in-band values recorded them
+# unset: read as the key left out, so such a round still resumes and still gives defaults to `eval`.
+_RECORDED_UNSET = {("optim", "grad_clip"): 0.0, ("refinery", "class_map"): "", ("model", "name"): ""}
+
+
+def _drop_recorded_unset(raw: dict) -> None:
+    for (table, key), unset in _RECORDED_UNSET.items():
+        section = raw.get(table)
+        if isinstance(section, dict) and key in section and section[key] == unset \
+                and type(section[key]) is type(unset):
+            del section[key]
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, recorded: bool = False) -> Recipe:
+    """Load a recipe file, with `--set` overrides. `recorded`: the file is a run folder's recipe.toml
+    (a 0 or "" that an older version wrote for an unset key reads as the key left out)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -414,6 +498,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}): a recipe is a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    if recorded:
+        _drop_recorded_unset(raw)
     for text in overrides:
         keypath, value = parse_override(text)
         try:
@@ -423,10 +509,15 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(raw, source=str(path))
 
 
-def _validate(r: Recipe) -> None:
+def _validate(r: RecipeSpec) -> None:
     """Checks that span keys: what a single field's type and range cannot say."""
-    if not r.data.path:
-        raise RecipeError("data.path: missing (required): a converted dataset folder or an ImageFolder root")
+    if not r.data.path.strip():
+        raise RecipeError(f"data.path: expected a converted dataset folder or an ImageFolder root, got {r.data.path!r}")
+    if r.model.name is not None and not r.model.name:
+        raise RecipeError("model.name: expected a model name, got ''; leave the key out when each round names its model")
+    if r.refinery.class_map is not None and not r.refinery.class_map.strip():
+        raise RecipeError(f"refinery.class_map: expected a JSON file, got {r.refinery.class_map!r}; leave the key "
+                          f"out for none")
     if not r.rounds:
         raise RecipeError("rounds: expected at least one [[rounds]] table")
     names: list[str] = []
@@ -437,7 +528,7 @@ def _validate(r: Recipe) -> None:
         if rd.name in names:
             raise RecipeError(f"{where}.name: {rd.name!r} is used by an earlier round")
         model_name, _ = _inherited_model(r, rd)
-        if not model_name:
+        if model_name is None:
             raise RecipeError(f"{where}.model: no model: set [model].name or this round's model")
         known_models = _model_names()
         if model_name not in known_models:
@@ -445,7 +536,7 @@ def _validate(r: Recipe) -> None:
             raise RecipeError(f"{where if rd.model is not None else 'model'}.{'model' if rd.model is not None else 'name'}: "
                               f"unknown model {model_name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                               + f"; known: {', '.join(known_models)}")
-        ref = rd.refinery if rd.refinery is not None else ("none" if i == 0 else "previous")
+        ref = _inherited_refinery(i, rd)
         if ref == "previous" and i == 0:
             raise RecipeError(f'{where}.refinery: the first round has no previous round; expected "none", '
                               f'or a checkpoint path')

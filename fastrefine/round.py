@@ -274,7 +274,7 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
 
     adv = r.refinery.adversarial
     jitter = no_jitter
-    if refined and adv.fraction > 0:
+    if refined and adv.fraction > 0:  # a share of 0 jitters no image: the jitter would hand the batch back as it is
         jitter = AdversarialJitter(student=student, refinery=refinery, fraction=adv.fraction, epsilon=adv.epsilon,
                                    mean=norm.mean, std=norm.std, autocast=env.precision.autocast)
     loss_fn = make_loss(refined=refined, kind=r.refinery.loss, gt_weight=r.refinery.gt_weight,

@@ -44,7 +44,7 @@ def _saved(tmp_path: Path, *, name: str = "mobilenet_v3_small", num_classes: int
 
 def test_state_dict_with_the_datasets_class_count_loads_frozen_in_eval(tmp_path, images):
     ref, path = _saved(tmp_path, num_classes=10)
-    model, note = load_torchvision_refinery("mobilenet_v3_small", weights=str(path), class_map="",
+    model, note = load_torchvision_refinery("mobilenet_v3_small", weights=str(path), class_map=None,
                                             class_names=FM_CLASSES, num_classes=10)
     assert not model.training and all(not p.requires_grad for p in model.parameters())
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -56,7 +56,7 @@ def test_state_dict_with_the_datasets_class_count_loads_frozen_in_eval(tmp_path,
 def test_imagenet_head_on_other_classes_is_refused_without_a_class_map(tmp_path):
     _, path = _saved(tmp_path, num_classes=1000)
     with pytest.raises(UsageError, match=r"class_map") as e:
-        load_torchvision_refinery("mobilenet_v3_small", weights=str(path), class_map="",
+        load_torchvision_refinery("mobilenet_v3_small", weights=str(path), class_map=None,
                                   class_names=FM_CLASSES, num_classes=10)
     assert "10 classes, not ImageNet's 1000" in str(e.value) and "\n" not in str(e.value)
 
@@ -114,7 +114,7 @@ def test_bad_class_maps_are_one_line_errors_naming_the_key(tmp_path, mapping, me
 
 
 def test_missing_files_and_unknown_models_are_usage_errors(tmp_path):
-    kw = dict(class_map="", class_names=FM_CLASSES, num_classes=10)
+    kw = dict(class_map=None, class_names=FM_CLASSES, num_classes=10)
     with pytest.raises(UsageError, match=r"refinery.weights = .*nope.pth.*: file not found"):
         load_torchvision_refinery("resnet18", weights=str(tmp_path / "nope.pth"), **kw)
     with pytest.raises(UsageError, match=r"no classifier 'resnet5'.*did you mean"):
@@ -136,7 +136,7 @@ def test_weights_names_come_from_the_hub_cache_only(tmp_path, monkeypatch, image
     def no_download(*a, **k):
         raise AssertionError("a download was attempted")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    kw = dict(class_map="", class_names=IMAGENET_LIKE, num_classes=1000)
+    kw = dict(class_map=None, class_names=IMAGENET_LIKE, num_classes=1000)
     expected = tmp_path / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
     assert hub_cache_path("mobilenet_v3_small", "DEFAULT") == expected
     with pytest.raises(UsageError, match=r"not in the torch hub cache") as e:

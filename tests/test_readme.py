@@ -14,7 +14,7 @@ import pytest
 import typer.main
 
 from fastrefine.cli import app
-from fastrefine.recipe import Recipe
+from fastrefine.recipe import RecipeSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -132,8 +132,8 @@ def recipe_keys() -> list[tuple[str, str, bool]]:
                 add(row, inner, nested=True, rows=rows)
 
     rows = recipe_rows()
-    hints = typing.get_type_hints(Recipe)
-    for f in dataclasses.fields(Recipe):
+    hints = typing.get_type_hints(RecipeSpec)  # the keys a recipe file may hold
+    for f in dataclasses.fields(RecipeSpec):
         if not f.metadata.get("internal"):
             add(f.name, _dataclass_of(hints[f.name]), nested=False, rows=rows)
     return out

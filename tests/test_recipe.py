@@ -105,12 +105,18 @@ def test_resolved_recipe_round_trips(tmp_path):
     text = to_toml(recipe_to_dict(r))
     again = recipe_from_dict(tomllib.loads(text))
     assert again == dataclasses.replace(r, source="<dict>")
-    assert again.model.options == {"width": 8}
+    assert [x.model_options for x in again.rounds] == [{"width": 8}] * 2
+    assert "model" not in recipe_to_dict(r)  # each round names its model: no [model] section to read
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     r = load_recipe(path)
+    # what the rounds and the loader inherit is resolved: real values of the types the code reads
+    for rd in r.rounds:
+        assert isinstance(rd.model, str) and rd.model and isinstance(rd.model_options, dict)
+        assert isinstance(rd.lr, float) and isinstance(rd.refinery, str) and rd.refinery != "previous"
+    assert isinstance(r.loader.val_batch_size, int) and isinstance(r.loader.val_resolution, int)
     # the resolved recipe written into a run folder loads back to the same recipe
     assert recipe_from_dict(tomllib.loads(to_toml(recipe_to_dict(r)))) == dataclasses.replace(r, source="<dict>")
     assert path.read_text().lstrip().startswith("#")  # a header says what the recipe is and what it reached
@@ -133,3 +139,62 @@ def test_inherit_means_left_out_and_zero_means_zero(tmp_path):
     assert two == pytest.approx(2 * round_lr(r, 0, world_size=1))       # linear in the global batch
     with pytest.raises(RecipeError, match="moved to each round"):
         load_recipe(write(tmp_path, BASE), ["optim.label_smoothing=0.1"])
+
+
+def test_resolved_types_say_what_the_code_reads():
+    """The inherited fields of a loaded recipe are typed without None; the schema's may be left out."""
+    import typing
+
+    from fastrefine.recipe import LoaderConfig, LoaderSpec, RoundConfig, RoundSpec
+    for resolved, spec, keys in ((RoundConfig, RoundSpec, ("model", "model_options", "lr", "refinery")),
+                                 (LoaderConfig, LoaderSpec, ("val_batch_size", "val_resolution"))):
+        hints, schema = typing.get_type_hints(resolved), typing.get_type_hints(spec)
+        for key in keys:
+            assert type(None) not in typing.get_args(hints[key]), (resolved.__name__, key)
+            assert type(None) in typing.get_args(schema[key]), (spec.__name__, key)
+
+
+def test_data_path_is_required_and_named(tmp_path):
+    no_path = BASE.replace('[data]\npath = "data/x"\n', "")
+    for text in (no_path, no_path + "\n[data]\nnum_classes = 3\n"):
+        with pytest.raises(RecipeError, match=r"data\.path: missing \(required\): converted dataset folder"):
+            load_recipe(write(tmp_path, text))
+    with pytest.raises(RecipeError, match=r"data\.path: expected a converted dataset folder .*got ''"):
+        load_recipe(write(tmp_path, BASE), ["data.path=''"])
+
+
+def test_grad_clip_is_left_out_for_none_and_zero_is_an_error(tmp_path):
+    r = load_recipe(write(tmp_path, BASE))
+    assert r.optim.grad_clip is None and "grad_clip" not in recipe_to_dict(r)["optim"]
+    assert load_recipe(write(tmp_path, BASE), ["optim.grad_clip=1.5"]).optim.grad_clip == 1.5
+    for bad in ("0", "0.0", "-1"):
+        with pytest.raises(RecipeError, match=r"optim\.grad_clip: expected a value > 0\.0, got .*leave the key "
+                                              r"out for no clipping"):
+            load_recipe(write(tmp_path, BASE), [f"optim.grad_clip={bad}"])
+
+
+def test_no_empty_string_stands_for_unset(tmp_path):
+    r = load_recipe(write(tmp_path, BASE))
+    assert r.refinery.class_map is None and "class_map" not in recipe_to_dict(r)["refinery"]
+    with pytest.raises(RecipeError, match=r"refinery\.class_map: expected a JSON file, got ''"):
+        load_recipe(write(tmp_path, BASE), ["refinery.class_map=''"])
+    with pytest.raises(RecipeError, match=r"model\.name: expected a model name, got ''"):
+        load_recipe(write(tmp_path, BASE.replace('name = "tiny_cnn"', 'name = ""')))
+    # each round names its model: no [model] needed
+    own = BASE.replace('[model]\nname = "tiny_cnn"\n', "").replace("epochs = 2", 'epochs = 2\nmodel = "tiny_cnn"')
+    own = own.replace("epochs = 3", 'epochs = 3\nmodel = "tiny_cnn"')
+    assert [x.model for x in load_recipe(write(tmp_path, own)).rounds] == ["tiny_cnn"] * 2
+    with pytest.raises(RecipeError, match=r"rounds\[1\]\.model: no model"):
+        load_recipe(write(tmp_path, own.replace('epochs = 3\nmodel = "tiny_cnn"', "epochs = 3")))
+
+
+def test_a_record_from_before_reads_its_unset_keys_as_left_out(tmp_path):
+    """A run folder's recipe.toml written when 0 and "" stood for unset still loads as a record."""
+    old = BASE.replace('name = "tiny_cnn"', 'name = "tiny_cnn"\noptions = {}') + (
+        '\n[optim]\ngrad_clip = 0.0\n[refinery]\nclass_map = ""\n')
+    p = write(tmp_path, old, "recipe.toml")
+    with pytest.raises(RecipeError, match=r"optim\.grad_clip"):
+        load_recipe(p)
+    r = load_recipe(p, recorded=True)
+    assert r.optim.grad_clip is None and r.refinery.class_map is None
+    assert r == dataclasses.replace(load_recipe(write(tmp_path, BASE)), source=str(p))
