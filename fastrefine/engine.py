@@ -99,7 +99,7 @@ class EpochResult:
 
 
 def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[[float], float], epoch: int,
-                steps_per_epoch: int, max_steps: int | None = None, log_every: int = 50,
+                steps_per_epoch: int, max_steps: int | None = None, log_every: int | None = 50,
                 on_log: Callable[[dict], None] = lambda rec: None, on_step: Callable[[int], None] = lambda n: None,
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, accumulate: int = 1,
                 accumulate_step: Callable | None = None, on_update: Callable[[], None] = lambda: None,
@@ -107,7 +107,7 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
                 after_update: "Callable[[int, Partial], bool] | None" = None) -> EpochResult:
     """Run one epoch of `step`. With `accumulate` = N > 1, N - 1 batches go through `accumulate_step`
     (backward only) and every Nth through `step` (backward, then the update); the epoch's last batch
-    always updates, so no gradient carries into the next epoch. `on_update` runs after each update. Loss and hits are summed on the device and read once, at the epoch's end; the step's loss is read every `log_every` steps;
+    always updates, so no gradient carries into the next epoch. `on_update` runs after each update. Loss and hits are summed on the device and read once, at the epoch's end; the step's loss is read every `log_every` steps (None: never inside the epoch, no step records);
     images are counted on the host (a device tensor built per step would be a blocking host-to-device
     copy on CUDA). An epoch cut short (`max_steps`) closes the loader's epoch iterator.
 
@@ -139,7 +139,7 @@ def train_epoch(loader: Iterable, *, step: Callable, optimizer, lr_fn: Callable[
             n_steps += 1
             seen += n
             on_step(n)
-            if n_steps % log_every == 0:
+            if log_every is not None and n_steps % log_every == 0:
                 # .item() here on purpose: one read of the device every log_every steps, not every step
                 loss_now = loss.item()
                 if not math.isfinite(loss_now):

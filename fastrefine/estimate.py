@@ -101,7 +101,7 @@ def _time_train(parts, *, resolution: int, steps: int, warmup: int, epoch: int, 
         stamps = [time.perf_counter()]
         # as run_round calls it: accumulation and the EMA's update after each optimizer step included
         train_epoch(loader, step=parts.step, optimizer=parts.optimizer, lr_fn=lambda _: parts.lr, epoch=e,
-                    steps_per_epoch=max(1, len(loader)), max_steps=n, log_every=1 << 30,
+                    steps_per_epoch=max(1, len(loader)), max_steps=n, log_every=None,
                     on_step=lambda _n: (sync(), stamps.append(time.perf_counter())),
                     accumulate=accumulate, accumulate_step=parts.accumulate_step,
                     on_update=parts.ema.update if parts.ema is not None else lambda: None)

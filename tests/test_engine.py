@@ -112,6 +112,10 @@ def test_train_epoch_reports_and_stops_on_nan():
     res = train_epoch(batches, step=step, optimizer=kw["optimizer"], lr_fn=lambda e: 0.05, epoch=0,
                       steps_per_epoch=4, log_every=2, on_log=logs.append)
     assert res.images == 32 and res.steps == 4 and 0 <= res.top1 <= 1 and len(logs) == 2
+    quiet = []  # log_every None: no read inside the epoch, only the epoch's totals
+    res = train_epoch(batches, step=step, optimizer=kw["optimizer"], lr_fn=lambda e: 0.05, epoch=1,
+                      steps_per_epoch=4, log_every=None, on_log=quiet.append)
+    assert res.steps == 4 and res.images == 32 and quiet == []
     bad = [(torch.full((8, 3, 8, 8), float("nan")), torch.randint(0, 4, (8,)))] * 2
     with pytest.raises(RunError, match="loss became nan"):
         train_epoch(bad, step=step, optimizer=kw["optimizer"], lr_fn=lambda e: 0.05, epoch=0,

@@ -29,7 +29,7 @@ def _epoch_case(parts, *, epoch: int, steps: int) -> dict:
     loader = parts.train_loader
     loader.set_epoch(epoch)
     res = train_epoch(loader, step=parts.step, optimizer=parts.optimizer, lr_fn=lambda e: parts.lr, epoch=epoch,
-                      steps_per_epoch=max(1, len(loader)), max_steps=steps, log_every=1 << 30)
+                      steps_per_epoch=max(1, len(loader)), max_steps=steps, log_every=None)
     return {"images": res.images, "seconds": res.seconds, "threads": res.torch_threads}
 
 
