@@ -105,6 +105,9 @@ def _selected(recipe: Recipe, only: str | None) -> list[int]:
         raise UsageError(f"--round {only!r}: {e}") from None
 
 
+PROBE_CLASSES = 10  # the class count check_plan builds each student with: its head's size decides nothing there
+
+
 def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path, restart: bool = False) -> None:
     """Everything the selected rounds need, checked before any of them trains: refinery checkpoints exist
     and are not the round's own, torchvision refineries name a real model, a refinery round runs first
@@ -114,8 +117,8 @@ def check_plan(recipe: Recipe, *, selected: list[int], run_dir: Path, restart: b
         rd = recipe.rounds[i]
         name, opts = rd.model, rd.model_options
         try:  # every round's student is built here, on the meta device (no memory, no weights)
-            with torch.device("meta"):
-                create_model(name, num_classes=recipe.data.num_classes or 10, **opts)
+            with torch.device("meta"):  # before the data is read: any class count shows whether the options build
+                create_model(name, num_classes=PROBE_CLASSES, **opts)
         except UsageError as e:
             raise UsageError(f"rounds[{i}] ({rd.name}): {e}") from None
         except (TypeError, ValueError, RuntimeError) as e:

@@ -139,7 +139,7 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
     from .chain import _selected, check_plan, make_env, run_dir_of
     from .distributed import Dist
     from .bench.protocol import make_sync, pick_device
-    from .round import build_round
+    from .round import build_round, epoch_steps
     if steps < 1 or warmup < 0:
         raise UsageError(f"--estimate-steps must be >= 1 and --estimate-warmup >= 0, got {steps} and {warmup}")
     if throughput is not None and throughput <= 0:
@@ -158,9 +158,9 @@ def estimate_recipe(recipe: Recipe, *, only: str | None = None, throughput: floa
     if full_steps < 1:
         raise UsageError(f"loader.batch_size = {lc.batch_size}: larger than each process's share of the "
                          f"{n_train} train images ({procs} processes)")
-    steps_per_epoch = min(full_steps, recipe.run.max_steps_per_epoch or full_steps)
+    steps_per_epoch = epoch_steps(recipe, full_steps)
     val_per_pass = math.ceil(math.ceil(n_val / procs) / val_batch)
-    if recipe.run.max_val_batches:
+    if recipe.run.max_val_batches is not None:  # the same cut run_round's evaluations take
         val_per_pass = min(val_per_pass, recipe.run.max_val_batches)
 
     env = None

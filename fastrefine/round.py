@@ -125,6 +125,13 @@ def train_resolution(recipe: Recipe, epoch: int) -> int:
                          multiple=p.multiple)
 
 
+def epoch_steps(recipe: Recipe, batches: int) -> int:
+    """Steps in one epoch of a round whose train loader has `batches` batches: all of them, or
+    run.max_steps_per_epoch when that is set and fewer."""
+    cap = recipe.run.max_steps_per_epoch
+    return max(1, batches) if cap is None else min(max(1, batches), cap)
+
+
 def make_loader(recipe: Recipe, *, split: str, device: torch.device, dtype: torch.dtype, seed: int,
                 resolution: int, workers: int, rank: int = 0, world_size: int = 1, shuffle: bool | None = None,
                 backend: str | None = None, refinery_view: str = "crop"):
@@ -244,7 +251,7 @@ def build_round(env: RoundEnv, index: int, *, start_epoch: int = 0, untrained_re
     ref_model, refinery_desc = refinery_module(env, index, untrained_ok=untrained_refinery_ok, normalization=norm)
     if refined:
         refinery = Refinery(ref_model, bn=r.refinery.bn, temperature=r.refinery.temperature,
-                            fold_bn=r.refinery.fold_bn, **_refinery_resolution(r))
+                            fold_bn=r.refinery.fold_bn, resolution=r.refinery.resolution)
         del ref_model  # with fold_bn the Refinery holds a folded copy: drop the unfolded weights
     else:
         refinery = NoRefinery()
@@ -325,11 +332,6 @@ def _default_normalization(env: RoundEnv):
     return Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=env.precision.input_dtype)
 
 
-def _refinery_resolution(recipe: Recipe) -> dict:
-    """Refinery(resolution=...) only when the recipe asks for it (keeps Refinery's signature optional)."""
-    return {} if recipe.refinery.resolution is None else {"resolution": recipe.refinery.resolution}
-
-
 # ------------------------------------------------------------------------------------------ state
 
 def resume_partial(env: RoundEnv, state: dict):
@@ -406,9 +408,7 @@ def _run_round(env: RoundEnv, index: int, built: list) -> dict:
     del state
     env.position.start_round(rd.name, saved_epochs=start_epoch, saved_step=start_step)
     from .runlog import MetricsLog, truncate_to_epoch
-    steps_per_epoch = max(1, len(parts.train_loader))
-    if r.run.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, r.run.max_steps_per_epoch)
+    steps_per_epoch = epoch_steps(r, len(parts.train_loader))
     metrics = MetricsLog(rdir / "metrics.jsonl", enabled=main, round=rd.name)
     if main:
         truncate_to_epoch(rdir / "metrics.jsonl", epochs_done=start_epoch, steps_into=start_step)
@@ -417,7 +417,8 @@ def _run_round(env: RoundEnv, index: int, built: list) -> dict:
             metrics.mirrors.append(_tensorboard(rdir, steps_per_epoch=steps_per_epoch, resumed_step=global_step))
     reduce = env.dist.all_reduce_sum()
     ac, max_val = env.precision.autocast, r.run.max_val_batches
-    refinery_val = _evaluate_refinery(env, parts, metrics, reduce) if parts.refined and start_epoch == 0 else None
+    refinery_val = (_evaluate_refinery(env, parts, metrics, reduce, max_batches=max_val)
+                    if parts.refined and start_epoch == 0 else None)
     started, last_eval, last_train, last_ema = time.perf_counter(), None, None, None
     vote = StopVote(env.stop, env.dist.control, enabled=env.dist.enabled)
     every = r.run.checkpoint_every_steps
@@ -458,7 +459,7 @@ def _run_round(env: RoundEnv, index: int, built: list) -> dict:
 
             result = train_epoch(parts.train_loader, step=parts.step, optimizer=parts.optimizer, epoch=epoch,
                                  lr_fn=parts.lr_fn, steps_per_epoch=steps_per_epoch,
-                                 max_steps=r.run.max_steps_per_epoch, log_every=r.run.log_every, on_log=metrics.write,
+                                 max_steps=steps_per_epoch, log_every=r.run.log_every, on_log=metrics.write,
                                  on_step=on_step, all_reduce=reduce,
                                  accumulate=r.optim.accumulate, accumulate_step=parts.accumulate_step,
                                  on_update=parts.ema.update if parts.ema is not None else lambda: None,
@@ -528,14 +529,14 @@ def _tensorboard(rdir: Path, *, steps_per_epoch: int, resumed_step: int):
     return mirror
 
 
-def _evaluate_refinery(env: RoundEnv, parts: RoundParts, metrics, reduce) -> dict:
+def _evaluate_refinery(env: RoundEnv, parts: RoundParts, metrics, reduce, *, max_batches: int | None) -> dict:
     """The refinery's own val accuracy. In BN batch mode its statistics come from each batch, so it is
     evaluated on shuffled val batches (class-sorted batches would each be nearly one class)."""
     batch_mode = env.recipe.refinery.bn == "batch"
     loader = parts.make_val_loader(shuffle=True) if batch_mode else parts.val_loader
     try:
         res = evaluate(uncompiled(parts.refinery.model), loader, autocast=env.precision.autocast,
-                       max_batches=env.recipe.run.max_val_batches, all_reduce=reduce, set_eval=False)
+                       max_batches=max_batches, all_reduce=reduce, set_eval=False)
     finally:
         if batch_mode and hasattr(loader, "close"):
             loader.close()
