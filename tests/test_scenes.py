@@ -253,3 +253,22 @@ def test_study_names_regimes_and_tables_paired_gains_per_scale(tmp_path):
     assert rows[1].startswith("| [0.25, 1] |") and "-5.00, -4.00" in rows[1] and "| -4.50 ± 0.71 |" in rows[1]
     with pytest.raises(SystemExit):
         scenes_study.parse(["--extra-scales", "0.5"])
+
+
+def test_study_budget_table_pairs_each_budget_with_its_own_labels_round(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import scenes_study
+    a = scenes_study.parse(["--out", str(tmp_path), "--objects", "2", "--seeds", "0", "1", "--budgets", "8", "24:32"])
+    assert a.budgets == [(8, None), (24, 32)]
+    vals = {(8, None): ((0.50, 0.49), (0.52, 0.50)), (24, 32): ((0.60, 0.62), (0.58, 0.61))}
+    for (epochs, width), per_seed in vals.items():
+        b = scenes_study.parse(["--out", str(tmp_path), "--epochs", str(epochs)] + (["--width", str(width)] if width else []))
+        for seed, (lab, ref) in enumerate(per_seed):
+            for rnd, v in (("labels", lab), ("refined", ref)):
+                d = tmp_path / scenes_study.run_name(b, 2, seed) / rnd
+                d.mkdir(parents=True)
+                (d / "done.json").write_text(json.dumps({"val_top1": v, "train_top1": v - 0.1, "minutes": 1.0}))
+    rows = [x for x in scenes_study.budget_table(a, a.budgets) if x.startswith("| 8 ") or x.startswith("| 24 ")]
+    assert "| -1.00, -2.00 |" in rows[0] and "| -1.50 ± 0.71 |" in rows[0]
+    assert rows[1].startswith("| 24 | 32 | 2 |") and "| +2.00, +3.00 |" in rows[1]
+    assert (a.epochs, a.width) == (8, None)     # the report leaves the settings as they were

@@ -260,6 +260,36 @@ def scale_table(a, by_scale: dict, measures: dict) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def budget_table(a, budgets: list[tuple[int, int | None]]) -> list[str]:
+    """The training-budget regime (main K): per (epochs, width), labels vs refined (and refined-2), paired."""
+    k, rows = a.objects[0], []
+    saved = a.epochs, a.width
+    try:
+        for epochs, width in budgets:
+            a.epochs, a.width = epochs, width
+            per = {s: {n: done(a, run_name(a, k, s), n) for n in ("labels", "refined", "refined-2")} for s in a.seeds}
+            seeds = [s for s in a.seeds if per[s]["labels"] and per[s]["refined"]]
+            if not seeds:
+                continue
+            lab = [per[s]["labels"]["val_top1"] for s in seeds]
+            g = [per[s]["refined"]["val_top1"] - per[s]["labels"]["val_top1"] for s in seeds]
+            gap = [per[s]["labels"]["train_top1"] - per[s]["labels"]["val_top1"] for s in seeds]
+            s2 = [s for s in seeds if per[s]["refined-2"]]
+            g2 = [per[s]["refined-2"]["val_top1"] - per[s]["labels"]["val_top1"] for s in s2]
+            minutes = statistics.mean(per[s]["labels"]["minutes"] for s in seeds)
+            rows.append(f"| {epochs} | {width if width is not None else 'recipe'} | {len(seeds)} | {ms(lab)} | "
+                        f"{ms(gap)} | {ms(g)} | {', '.join(f'{100 * x:+.2f}' for x in g)} | "
+                        f"{ms(g2) if g2 else '-'} | {minutes:.1f} |")
+    finally:
+        a.epochs, a.width = saved
+    if not rows:
+        return []
+    return [f"**Training budget** (K = {k}; {a.data_root / f'scenes-k{k}{a.data_suffix}'}; top-1 on its val split, %; "
+            "paired gains)", "",
+            "| epochs | width | seeds | labels | labels: train - val | refined - labels | per seed | "
+            "refined-2 - labels | min / labels round |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def tables(a, res: dict, measures: dict) -> str:
     out = []
     for k in a.objects:
@@ -292,6 +322,7 @@ def tables(a, res: dict, measures: dict) -> str:
                     f"(per seed {', '.join(f'{100 * x:+.2f}' for x in d)})."]
         out.append("")
     out += scale_table(a, collect_scales(a), measures)
+    out += budget_table(a, a.budgets)
     if measures:
         out += ["**Crops** (epoch-0 training crops of 2,000 scenes at the recipe's scale; refinery: the labels "
                 "round of seed 0)", "",
@@ -359,6 +390,14 @@ def _scale_arg(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _budget_arg(text: str) -> tuple[int, int | None]:
+    try:
+        epochs, _, width = text.partition(":")
+        return int(epochs), (int(width) if width else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected EPOCHS or EPOCHS:WIDTH, e.g. 24:32") from None
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/scenes.toml")
@@ -372,6 +411,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--extra-scales", nargs="*", default=[], metavar="LO,HI", type=_scale_arg,
                     help="the crop-scale regime: also train labels and refined at these area ranges (main K only)")
     ap.add_argument("--width", type=int, default=None, help="tiny_cnn width (not set: the recipe's)")
+    ap.add_argument("--budgets", nargs="*", default=[], metavar="EPOCHS:WIDTH", type=_budget_arg,
+                    help="report: also a table of the training-budget regime over these runs (WIDTH may be "
+                         "left out for the recipe's), e.g. 8 24 24:32 48:32")
     ap.add_argument("--main-parts", default="2i", help="main K: 2 = refined-2, i = image view, j = jitter")
     ap.add_argument("--other-parts", default="", help="other K: the same letters (labels and refined always run)")
     ap.add_argument("--adv-fraction", type=float, default=0.5)
