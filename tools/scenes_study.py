@@ -204,7 +204,7 @@ def ms(xs, scale=100.0) -> str:
     if not xs:
         return "-"
     m, s = mean_sd([scale * x for x in xs])
-    return f"{m:.2f} ± {s:.2f}"
+    return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f} (1 seed)"
 
 
 def done(a, run_name: str, rnd: str) -> dict | None:
@@ -277,7 +277,8 @@ def budget_table(a, budgets: list[tuple[int, int | None]]) -> list[str]:
             s2 = [s for s in seeds if per[s]["refined-2"]]
             g2 = [per[s]["refined-2"]["val_top1"] - per[s]["labels"]["val_top1"] for s in s2]
             minutes = statistics.mean(per[s]["labels"]["minutes"] for s in seeds)
-            rows.append(f"| {epochs} | {width if width is not None else 'recipe'} | {len(seeds)} | {ms(lab)} | "
+            shown = width if width is not None else f"{recipe(a, k=k, seed=seeds[0])['model']['options'].get('width', '-')} (recipe)"
+            rows.append(f"| {epochs} | {shown} | {len(seeds)} | {ms(lab)} | "
                         f"{ms(gap)} | {ms(g)} | {', '.join(f'{100 * x:+.2f}' for x in g)} | "
                         f"{ms(g2) if g2 else '-'} | {minutes:.1f} |")
     finally:
@@ -287,7 +288,7 @@ def budget_table(a, budgets: list[tuple[int, int | None]]) -> list[str]:
     return [f"**Training budget** (K = {k}; {a.data_root / f'scenes-k{k}{a.data_suffix}'}; top-1 on its val split, %; "
             "paired gains)", "",
             "| epochs | width | seeds | labels | labels: train - val | refined - labels | per seed | "
-            "refined-2 - labels | min / labels round |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            "refined-2 - labels | minutes a labels round (wall clock, under load) |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def tables(a, res: dict, measures: dict) -> str:
