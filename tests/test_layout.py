@@ -82,7 +82,11 @@ def test_the_walk_of_one_batch_is_traced_from_the_loop_to_last_pt(capsys):
     import sys
     sys.path.insert(0, str(ROOT / "tools"))
     import walk
+    import fastrefine.chain as chain
+    import os
+    before = chain.run_round, os.replace
     assert walk.main(["--edges"]) == 0
+    assert (chain.run_round, os.replace) == before      # what the trace wrapped is put back
     out = capsys.readouterr().out
     counts = re.search(r"edges (\d+), module hops (\d+), modules (\d+), into round.py (\d+)", out)
     assert counts and 0 < int(counts.group(2)) < int(counts.group(1))

@@ -26,7 +26,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ours(filename: str, roots: tuple[str, ...]) -> bool:
@@ -135,29 +134,24 @@ def main(argv: list[str] | None = None) -> int:
             if tracer.active and os.fspath(dst).endswith(os.sep + "refined" + os.sep + "last.pt"):
                 tracer.done = True
 
-        # the labels round untraced, then the refined round traced
-        os.replace = replace
-        original = tracer.profile
-
-        def gate(frame, event, arg):
-            if _in_refined[0]:
-                return original(frame, event, arg)
-
-        _in_refined = [False]
-        import fastrefine.round as round_mod
-        real_run_round = round_mod.run_round
+        # the labels round untraced, then the refined round traced: chain.py calls run_round by the name
+        # it imported, so that name is wrapped for the duration of the run
+        import fastrefine.chain as chain_mod
+        real_run_round = chain_mod.run_round
+        tracing = [False]
 
         def run_round(env, index):
-            _in_refined[0] = env.recipe.rounds[index].name == "refined"
+            tracing[0] = env.recipe.rounds[index].name == "refined"
             try:
                 return real_run_round(env, index)
             finally:
-                _in_refined[0] = False
+                tracing[0] = False
 
-        round_mod.run_round = run_round
-        import fastrefine.chain as chain_mod
-        if getattr(chain_mod, "run_round", None) is real_run_round:
-            chain_mod.run_round = run_round
+        def gate(frame, event, arg):
+            if tracing[0]:
+                tracer.profile(frame, event, arg)
+
+        os.replace, chain_mod.run_round = replace, run_round
         sys.setprofile(gate)
         threading.setprofile(gate)
         try:
@@ -165,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sys.setprofile(None)
             threading.setprofile(None)
-            os.replace = real_replace
-            round_mod.run_round = real_run_round
+            os.replace, chain_mod.run_round = real_replace, real_run_round
         if not tracer.done:
             print("the trace never saw refined/last.pt written", file=sys.stderr)
             return 1
