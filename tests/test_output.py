@@ -92,24 +92,26 @@ def test_a_stopped_run_prints_one_line_and_exits_128_plus_signal(tmp_path, demo_
 
 
 def test_a_signal_during_a_save_waits_for_the_save():
-    import os
-
     from fastrefine.interrupt import deferred
     done, flags = [], []
+    # the handlers a run has: Python's own for SIGINT (whatever an earlier test left), a flag for SIGTERM.
+    # raise_signal delivers to this (the main) thread; os.kill may hand it to any thread of the process.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: flags.append(signum))  # preempt.py's kind
     try:
         with pytest.raises(KeyboardInterrupt):
             with deferred():
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
                 time.sleep(0.05)
                 done.append("saved")   # reached: Ctrl-C waits for the block
         with deferred():
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             time.sleep(0.05)
             assert flags == []         # held during the block ...
         assert flags == [signal.SIGTERM]  # ... then handed to the handler that was there before
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert done == ["saved"]
 
 
