@@ -263,26 +263,22 @@ def scale_table(a, by_scale: dict, measures: dict) -> list[str]:
 def budget_table(a, budgets: list[tuple[int, int | None]]) -> list[str]:
     """The training-budget regime (main K): per (epochs, width), labels vs refined (and refined-2), paired."""
     k, rows = a.objects[0], []
-    saved = a.epochs, a.width
-    try:
-        for epochs, width in budgets:
-            a.epochs, a.width = epochs, width
-            per = {s: {n: done(a, run_name(a, k, s), n) for n in ("labels", "refined", "refined-2")} for s in a.seeds}
-            seeds = [s for s in a.seeds if per[s]["labels"] and per[s]["refined"]]
-            if not seeds:
-                continue
-            lab = [per[s]["labels"]["val_top1"] for s in seeds]
-            g = [per[s]["refined"]["val_top1"] - per[s]["labels"]["val_top1"] for s in seeds]
-            gap = [per[s]["labels"]["train_top1"] - per[s]["labels"]["val_top1"] for s in seeds]
-            s2 = [s for s in seeds if per[s]["refined-2"]]
-            g2 = [per[s]["refined-2"]["val_top1"] - per[s]["labels"]["val_top1"] for s in s2]
-            minutes = statistics.mean(per[s]["labels"]["minutes"] for s in seeds)
-            shown = width if width is not None else f"{recipe(a, k=k, seed=seeds[0])['model']['options'].get('width', '-')} (recipe)"
-            rows.append(f"| {epochs} | {shown} | {len(seeds)} | {ms(lab)} | "
-                        f"{ms(gap)} | {ms(g)} | {', '.join(f'{100 * x:+.2f}' for x in g)} | "
-                        f"{ms(g2) if g2 else '-'} | {minutes:.1f} |")
-    finally:
-        a.epochs, a.width = saved
+    for epochs, width in budgets:
+        b = argparse.Namespace(**{**vars(a), "epochs": epochs, "width": width})
+        per = {s: {n: done(b, run_name(b, k, s), n) for n in ("labels", "refined", "refined-2")} for s in a.seeds}
+        seeds = [s for s in a.seeds if per[s]["labels"] and per[s]["refined"]]
+        if not seeds:
+            continue
+        lab = [per[s]["labels"]["val_top1"] for s in seeds]
+        g = [per[s]["refined"]["val_top1"] - per[s]["labels"]["val_top1"] for s in seeds]
+        gap = [per[s]["labels"]["train_top1"] - per[s]["labels"]["val_top1"] for s in seeds]
+        s2 = [s for s in seeds if per[s]["refined-2"]]
+        g2 = [per[s]["refined-2"]["val_top1"] - per[s]["labels"]["val_top1"] for s in s2]
+        minutes = statistics.mean(per[s]["labels"]["minutes"] for s in seeds)
+        shown = width if width is not None else f"{recipe(b, k=k, seed=seeds[0])['model']['options'].get('width', '-')} (recipe)"
+        rows.append(f"| {epochs} | {shown} | {len(seeds)} | {ms(lab)} | "
+                    f"{ms(gap)} | {ms(g)} | {', '.join(f'{100 * x:+.2f}' for x in g)} | "
+                    f"{ms(g2) if g2 else '-'} | {minutes:.1f} |")
     if not rows:
         return []
     return [f"**Training budget** (K = {k}; {a.data_root / f'scenes-k{k}{a.data_suffix}'}; top-1 on its val split, %; "
@@ -420,7 +416,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--adv-fraction", type=float, default=0.5)
     ap.add_argument("--epsilon", type=float, default=2.0)
     ap.add_argument("--measure", action="store_true", help="also measure the crops (needs the labels rounds)")
-    ap.add_argument("--measure-scales", nargs="*", default=[], metavar="LO,HI",
+    ap.add_argument("--measure-scales", nargs="*", default=[], metavar="LO,HI", type=_scale_arg,
                     help="with --measure: also measure the crops at these area ranges (e.g. 0.08,0.25 0.25,1)")
     ap.add_argument("--skip-chain", action="store_true",
                     help="run only the image/jitter parts (their labels round must be finished)")
@@ -445,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         measures = json.loads(stored.read_text())
     if a.measure:
         for k in a.objects:
-            for sc in [None] + [tuple(float(x) for x in t.split(",")) for t in a.measure_scales]:
+            for sc in [None] + list(a.measure_scales):
                 m = measure_crops(a, k, scale=sc)
                 measures[f"{k} {m['scale']}"] = m
         a.out.mkdir(parents=True, exist_ok=True)
